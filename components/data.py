@@ -1,0 +1,99 @@
+"""Data stage: prompt sets with verifiable answers, split, decontaminated, plus cold-start traces.
+
+    build_datasets(DataConfig(), seed=0, out=Path("out"))
+
+The default task is synthetic multi-digit addition: a tiny model cannot add four-digit numbers in
+one step, but can by working column by column inside ``<think>``, which is what RL should discover.
+Benchmarks (GSM8K, MATH, Countdown) are imported from their public jsonl files instead.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from components.benchmarks import decontaminate, import_benchmark, write_jsonl
+from components.config import DataConfig
+
+SPLITS = ("train", "validation", "test")
+
+
+def addition_work(a: int, b: int) -> str:
+    """Column-by-column addition, units first, one line per column: ``7+6+1=14``."""
+    lines, carry = [], 0
+    da, db = str(a)[::-1], str(b)[::-1]
+    for i in range(max(len(da), len(db))):
+        x = int(da[i]) if i < len(da) else 0
+        y = int(db[i]) if i < len(db) else 0
+        total = x + y + carry
+        lines.append(f"{x}+{y}{'+1' if carry else ''}={total}")
+        carry = total // 10
+    return "\n".join(lines)
+
+
+def r1_completion(thought: str, answer: str) -> str:
+    """A completion in R1's output format."""
+    return f"<think>\n{thought}\n</think>\n<answer>{answer}</answer>"
+
+
+def addition_question(a: int, b: int) -> str:
+    return f"What is {a} + {b}?"
+
+
+def _operand(rng: random.Random, cfg: DataConfig) -> int:
+    digits = rng.randint(cfg.min_digits, cfg.max_digits)
+    return rng.randint(10 ** (digits - 1), 10**digits - 1)
+
+
+def synthetic_addition(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, test) addition prompts; no (a, b) pair appears in both."""
+    rng = random.Random(seed)
+    pairs: set[tuple[int, int]] = set()
+    wanted = cfg.n_train + cfg.n_validation + cfg.n_test
+    space = sum(9 * 10 ** (d - 1) for d in range(cfg.min_digits, cfg.max_digits + 1)) ** 2
+    if wanted > space // 2:
+        raise ValueError(f"data: {wanted} prompts asked of a space of {space}; widen min_digits/max_digits")
+    while len(pairs) < wanted:
+        pairs.add((_operand(rng, cfg), _operand(rng, cfg)))
+    ordered = sorted(pairs)
+    rng.shuffle(ordered)
+    records = [
+        {"id": f"add-{i}", "task": "addition", "question": addition_question(a, b), "answer": str(a + b),
+         "a": a, "b": b}
+        for i, (a, b) in enumerate(ordered)
+    ]
+    return records[: -cfg.n_test], records[-cfg.n_test :]
+
+
+def cold_start_trace(record: dict) -> dict | None:
+    """A readable long-CoT example for a record, or None when there is no worked solution."""
+    if record["task"] == "addition":
+        thought = addition_work(record["a"], record["b"])
+    elif record.get("solution"):
+        thought = record["solution"].strip()
+    else:
+        return None
+    return {**record, "completion": r1_completion(thought, record["answer"])}
+
+
+def build_datasets(cfg: DataConfig, seed: int, out: Path) -> dict:
+    """Write train/validation/test prompts and cold-start traces as jsonl under ``out``."""
+    if cfg.source == "synthetic":
+        train, test = synthetic_addition(cfg, seed)
+    else:
+        train = import_benchmark(cfg.source, cfg.train_path, limit=None)
+        test = import_benchmark(cfg.source, cfg.test_path, limit=cfg.n_test)
+    train, removed = decontaminate(train, test, n=cfg.decontamination_ngram)
+    random.Random(seed).shuffle(train)
+    validation, train = train[: cfg.n_validation], train[cfg.n_validation :][: cfg.n_train]
+    traces = [t for t in map(cold_start_trace, train) if t is not None][: cfg.cold_start_size]
+    if not traces:
+        raise ValueError(f"data: source {cfg.source!r} has no worked solutions for cold-start traces")
+    files = {"train": train, "validation": validation, "test": test, "cold_start": traces}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, records in files.items():
+        write_jsonl(out / f"{name}.jsonl", records)
+    report = {"source": cfg.source, "decontaminated": removed, **{name: len(r) for name, r in files.items()}}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report

@@ -1,0 +1,80 @@
+"""Evaluate stage: R1's protocol on held-out prompts, with per-sample records kept.
+
+    python -m components.evaluate --spec SPEC.json
+
+pass@1 is the mean correctness over k samples at temperature 0.6 / top-p 0.95; cons@k is the
+majority vote of the k extracted answers; greedy accuracy uses one greedy decode. Format rate,
+language consistency and mean completion length (tokens) come from the same samples.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from statistics import mean
+
+from components.benchmarks import write_jsonl
+from components.config import EvaluateConfig
+from components.generation import Sampling, generate
+from components.modeling import load_tokenizer, render_prompt
+from components.rewards import extract_answer, format_reward, is_correct, language_reward
+from components.sft import read_jsonl
+from components.stage_io import StageSpec, parse_spec, seed_everything, write_result
+
+
+def majority(answers: list[str | None]) -> str | None:
+    """The most common non-empty answer (ties go to the first seen), compared whitespace-free."""
+    votes = Counter("".join(a.split()) for a in answers if a and a.strip())
+    return votes.most_common(1)[0][0] if votes else None
+
+
+def score(records: list[dict], sampled: list[list], greedy: list[list]) -> tuple[dict, list[dict]]:
+    """Aggregate metrics and per-sample records for k samples (+1 greedy) per prompt."""
+    rows, per_prompt, cons, greedy_ok = [], [], [], []
+    for record, samples, (best,) in zip(records, sampled, greedy):
+        grade = lambda text: is_correct(extract_answer(text), record["answer"], record["task"], record.get("numbers"))  # noqa: E731
+        texts = [s.text for s in samples]
+        correct = [grade(t) for t in texts]
+        formats = format_reward(texts)
+        langs = language_reward(texts)
+        for i, (s, ok, form, lang) in enumerate(zip(samples, correct, formats, langs)):
+            rows.append({"id": record["id"], "sample": i, "completion": s.text, "answer": extract_answer(s.text),
+                         "gold": record["answer"], "correct": ok, "format": form, "language": lang,
+                         "tokens": s.tokens, "finished": s.finished})
+        per_prompt.append(mean(correct))
+        vote = majority([extract_answer(t) for t in texts])
+        cons.append(vote is not None and grade(f"<answer>{vote}</answer>"))
+        greedy_ok.append(grade(best.text))
+    metrics = {
+        "pass@1": mean(per_prompt),
+        f"cons@{len(sampled[0])}": mean(cons),
+        "greedy_accuracy": mean(greedy_ok),
+        "format_rate": mean(r["format"] for r in rows),
+        "language_consistency": mean(r["language"] for r in rows),
+        "mean_length": mean(r["tokens"] for r in rows),
+        "prompts": len(records),
+    }
+    return metrics, rows
+
+
+def run(spec: StageSpec) -> dict:
+    cfg = EvaluateConfig(**spec.config)
+    seed_everything(spec.seed)
+    records = read_jsonl(spec.inputs["data"])[: cfg.limit]
+    tokenizer = load_tokenizer(spec.inputs["model"])
+    prompts = [render_prompt(tokenizer, r["question"], spec.prompt_template) for r in records]
+    common = dict(seed=spec.seed, batch_size=cfg.batch_size, device=spec.device, backend=spec.generation_backend)
+    sampled = generate(spec.inputs["model"], prompts, Sampling(cfg.k, cfg.temperature, cfg.top_p, cfg.max_new_tokens),
+                       label="evaluating (sampled)", **common)
+    greedy = generate(spec.inputs["model"], prompts, Sampling(1, max_new_tokens=cfg.max_new_tokens, greedy=True),
+                      label="evaluating (greedy)", **common)
+    metrics, rows = score(records, sampled, greedy)
+    write_jsonl(spec.output / "samples.jsonl", rows)
+    (spec.output / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_result(spec.output, {"metrics": metrics, "samples": str(spec.output / "samples.jsonl")})
+    print(json.dumps(metrics))
+    return metrics
+
+
+if __name__ == "__main__":
+    run(parse_spec())

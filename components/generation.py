@@ -1,0 +1,83 @@
+"""The generator backend: k sampled completions per prompt, from transformers or vLLM.
+
+transformers' ``generate`` is the CPU path; vLLM (GPU stage environment only) is imported lazily
+so this module loads anywhere. Both return, per prompt, k completions as text plus token counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+
+from components.modeling import load_model, load_tokenizer, pick_device
+
+
+@dataclass(frozen=True)
+class Sampling:
+    k: int = 1
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 64
+    greedy: bool = False
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: int
+    finished: bool  # ended with EOS rather than by hitting max_new_tokens
+
+
+def generate(model_dir: str | Path, prompts: list[str], sampling: Sampling, *, seed: int = 0,
+             batch_size: int = 64, device: str = "auto", backend: str = "transformers",
+             label: str = "generating") -> list[list[Completion]]:
+    """k completions for each prompt (prompts are already rendered through the chat template)."""
+    if backend == "vllm":
+        return _generate_vllm(model_dir, prompts, sampling, seed)
+    device = pick_device(device)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, device).eval()
+    torch.manual_seed(seed)
+    results: list[list[Completion]] = []
+    with Progress(transient=True) as progress:
+        bar = progress.add_task(label, total=len(prompts))
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(device)
+            with torch.inference_mode():
+                output = model.generate(
+                    **batch, do_sample=not sampling.greedy, temperature=None if sampling.greedy else sampling.temperature,
+                    top_p=None if sampling.greedy else sampling.top_p, top_k=0 if not sampling.greedy else None,
+                    max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.k,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                )
+            new = output[:, batch["input_ids"].shape[1] :]
+            for i in range(0, len(new), sampling.k):
+                results.append([_completion(tokenizer, row) for row in new[i : i + sampling.k]])
+            progress.advance(bar, len(new) // sampling.k)
+    return results
+
+
+def _completion(tokenizer, ids: torch.Tensor) -> Completion:
+    ids = ids.tolist()
+    finished = tokenizer.eos_token_id in ids
+    if finished:
+        ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
+    ids = [i for i in ids if i != tokenizer.pad_token_id or i == tokenizer.eos_token_id]
+    return Completion(tokenizer.decode(ids, skip_special_tokens=True), len(ids), finished)
+
+
+def _generate_vllm(model_dir, prompts: list[str], sampling: Sampling, seed: int) -> list[list[Completion]]:
+    from vllm import LLM, SamplingParams  # GPU stage environment only
+
+    llm = LLM(model=str(model_dir), seed=seed)
+    params = SamplingParams(
+        n=sampling.k, temperature=0.0 if sampling.greedy else sampling.temperature,
+        top_p=1.0 if sampling.greedy else sampling.top_p, max_tokens=sampling.max_new_tokens, seed=seed)
+    return [
+        [Completion(c.text, len(c.token_ids), c.finish_reason == "stop") for c in request.outputs]
+        for request in llm.generate(prompts, params)
+    ]

@@ -1,0 +1,79 @@
+"""Models and tokenizers: the built-in tiny tokenizer, loading, prompt rendering, devices.
+
+Every model r1flow writes is a Hugging Face folder (safetensors, tokenizer, chat template) that
+``AutoModelForCausalLM.from_pretrained`` and vLLM load without ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+# ChatML, the template Qwen2 and SmolLM2 use, so the tiny base reads prompts like real models do.
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+REASONING_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE with no merges: one token per byte, plus ChatML and R1 tags.
+
+    It is a genuine Qwen2-style tokenizer, so ``AutoTokenizer`` rebuilds it faithfully (a plain
+    character-level vocabulary loses spaces there, FINDINGS 12). R1 tags are single non-special
+    tokens so they survive ``skip_special_tokens`` (FINDINGS 13).
+    """
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tokenizer.add_tokens(REASONING_TAGS)
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def pick_device(requested: str = "auto") -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device is 'cuda' but no CUDA GPU is visible; set runtime.device=cpu")
+    return requested
+
+
+def load_tokenizer(path: str | Path, padding_side: str = "left") -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(str(path), padding_side=padding_side)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str | Path, device: str = "cpu", trust_remote_code: bool = False):
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), use_safetensors=True, trust_remote_code=trust_remote_code,
+        dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+    )
+    return model.to(device)
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, question: str, template: str = "{question}") -> str:
+    """The text a model sees for a question: the profile's template inside the chat template."""
+    content = template.format(question=question)
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    return f"User: {content}\nAssistant: "
+
+
+def save_model(model, tokenizer: PreTrainedTokenizerBase, out: Path) -> Path:
+    """Save as a Hugging Face folder: safetensors weights, config, tokenizer, chat template."""
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

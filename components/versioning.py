@@ -1,0 +1,64 @@
+"""The one module that talks to DVC: ``data/`` is tracked by ``data.dvc`` and pushed to a remote.
+
+The remote is a local folder by default (an S3/GCS URL at scale). The repository is initialised
+on first use, so a fresh clone needs no ``dvc init``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+from dvc.repo import Repo  # noqa: E402
+
+
+def ensure_repo(root: Path, remote: str) -> None:
+    """Initialise DVC in ``root`` if needed and give it a default remote if it has none."""
+    if not (root / ".dvc").is_dir():
+        Repo.init(str(root), no_scm=not (root / ".git").exists())
+    repo = Repo(str(root))
+    try:
+        if not repo.config["core"].get("remote"):
+            with repo.config.edit() as conf:
+                conf["remote"]["local"] = {"url": remote}
+                conf["core"]["remote"] = "local"
+    finally:
+        repo.close()
+
+
+def version_data(root: Path, data_dir: str = "data") -> str:
+    """``dvc add`` the data folder, push it to the remote, and return its content hash."""
+    repo = Repo(str(root))  # a fresh Repo each time: a reused one fails after cache changes
+    try:
+        repo.add(str(root / data_dir))
+        repo.push()
+    finally:
+        repo.close()
+    return data_hash(root, data_dir)
+
+
+def data_hash(root: Path, data_dir: str = "data") -> str:
+    pointer = yaml.safe_load((root / f"{data_dir}.dvc").read_text())
+    return pointer["outs"][0]["md5"]
+
+
+def remote_status(root: Path) -> dict:
+    """What ``dvc status -c`` reports: empty when the remote holds everything tracked."""
+    repo = Repo(str(root))
+    try:
+        return repo.status(cloud=True)
+    finally:
+        repo.close()
+
+
+def pull(root: Path) -> None:
+    """Restore ``data/`` from the remote, byte for byte (for reruns on a fresh clone)."""
+    repo = Repo(str(root))
+    try:
+        repo.pull()
+    finally:
+        repo.close()

@@ -1,0 +1,28 @@
+"""Process settings that must be in place before Prefect, MLflow or DVC are imported.
+
+Everything generated lives in the workspace folder, never the user's home: Prefect's ephemeral
+server database included. The first ephemeral start migrates a fresh database, which takes ~25 s
+on 2 cores, over Prefect's 20 s default (FINDINGS 3).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def configure(workspace: Path) -> None:
+    workspace = workspace.resolve()
+    defaults = {
+        "PREFECT_HOME": str(workspace / "prefect"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LOG_PRINTS": "true",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DVC_NO_ANALYTICS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TORCH_EXTENSIONS_DIR": str(workspace / "torch_extensions"),
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
