@@ -20,14 +20,21 @@ SPLITS = ("train", "validation", "test")
 
 
 def addition_work(a: int, b: int) -> str:
-    """Column-by-column addition, units first, one line per column: ``7+6+1=14``."""
-    lines, carry = [], 0
+    """Column-by-column addition, units first, one line per column, carrying the answer so far.
+
+    ``478 + 365`` → ``8+5=13 3`` / ``7+6+1=14 43`` / ``4+3+1=8 843``: each line adds one column
+    (plus the carry) and prepends the new digit, so the last line ends with the full sum. The
+    final column keeps its whole total, which places a last carry without an extra line.
+    """
+    lines, carry, partial = [], 0, ""
     da, db = str(a)[::-1], str(b)[::-1]
-    for i in range(max(len(da), len(db))):
+    columns = max(len(da), len(db))
+    for i in range(columns):
         x = int(da[i]) if i < len(da) else 0
         y = int(db[i]) if i < len(db) else 0
         total = x + y + carry
-        lines.append(f"{x}+{y}{'+1' if carry else ''}={total}")
+        partial = (str(total) if i == columns - 1 else str(total % 10)) + partial
+        lines.append(f"{x}+{y}{'+1' if carry else ''}={total} {partial}")
         carry = total // 10
     return "\n".join(lines)
 

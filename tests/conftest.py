@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny models and data built inside the test session, never downloaded."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Settings that must exist before Prefect/MLflow/DeepSpeed import: a private Prefect home per
+# session, no telemetry, CPU DeepSpeed without its banner.
+_SESSION = Path(tempfile.mkdtemp(prefix="r1flow-tests-"))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ["PREFECT_HOME"] = str(_SESSION / "prefect")
+from flows.environment import configure  # noqa: E402
+
+configure(_SESSION / "workspace")
+
+from components.config import DataConfig, ModelConfig  # noqa: E402
+
+MICRO_BASE = ModelConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, pretrain_examples=2000,
+                         pretrain_steps=120, pretrain_batch_size=32)
+
+
+@pytest.fixture(scope="session")
+def random_model(tmp_path_factory) -> Path:
+    """An untrained tiny Qwen2 model with the built-in tokenizer, saved as a HF folder."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from components.modeling import build_tiny_tokenizer, save_model
+
+    tokenizer = build_tiny_tokenizer()
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return save_model(Qwen2ForCausalLM(config), tokenizer, tmp_path_factory.mktemp("random") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny base pretrained briefly by the base stage: it already writes R1-format answers."""
+    from components import base
+
+    out = tmp_path_factory.mktemp("tiny_base")
+    base.run(MICRO_BASE, seed=0, template="{question}", output=out)
+    return out / "model"
+
+
+@pytest.fixture(scope="session")
+def micro_data(tmp_path_factory) -> Path:
+    from components.data import build_datasets
+
+    out = tmp_path_factory.mktemp("data")
+    build_datasets(DataConfig(n_train=120, n_validation=0, n_test=16, min_digits=1, max_digits=2,
+                              cold_start_size=48), seed=0, out=out)
+    return out

