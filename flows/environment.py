@@ -21,7 +21,6 @@ def configure(workspace: Path) -> None:
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DVC_NO_ANALYTICS": "1",
         "TOKENIZERS_PARALLELISM": "false",
-        "TORCH_EXTENSIONS_DIR": str(workspace / "torch_extensions"),
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

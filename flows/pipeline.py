@@ -108,7 +108,8 @@ def stage(ctx: Context, name: str, module: str, config: Section, **inputs: Artif
             ctx.tracker.log_artifact(run_id, folder / extra)
     ctx.tracker.finish(run_id)
     print(f"{name}: {'cache hit' if cached else 'done'} ({folder})")
-    return {"name": name, "dir": str(folder), "key": key, "cached": cached, "run_id": run_id, "result": result}
+    return {"name": name, "dir": str(folder), "key": key, "cached": cached, "run_id": run_id, "result": result,
+            "code_version": code_version(module)}
 
 
 def model_of(out: dict) -> Artifact:
@@ -158,7 +159,7 @@ def register(ctx: Context, models: dict[str, dict], evaluations: dict[str, dict]
         else:
             version = ctx.tracker.register(out["run_id"], Path(out["dir"]) / "model", name, {
                 "stage_key": out["key"], "config_hash": content_hash(ctx.profile)[:16],
-                "code_version": out["result"].get("code_version", ""), "data_hash": data_hash,
+                "code_version": out["code_version"], "data_hash": data_hash,
                 "parent_model": parents[role], "eval_run_id": evaluations[role]["run_id"],
                 PRIMARY_METRIC: score,
             })
@@ -218,15 +219,16 @@ def _recipe(ctx: Context) -> dict:
               "student": student}
     evaluations = {role: stage(ctx, f"eval_{role}", "evaluate", p.evaluate, model=model_of(models[role]),
                                data=data["test"]) for role in EVALUATED}
+    lineage = {**models, "student_base": student_base}
     parents = {"cold_start": "base", "r1_zero": "base", "r1_rl": "cold_start", "r1": "base",
                "student": "student_base"}
-    parents = {role: f"{parent}:{models.get(parent, student_base)['key']}" for role, parent in parents.items()}
+    parents = {role: f"{parent}:{lineage[parent]['key']}" for role, parent in parents.items()}
     versions = register(ctx, {r: models[r] for r in REGISTERED}, evaluations, parents, data_hash)
     table = {role: evaluations[role]["result"]["metrics"] for role in EVALUATED}
     _report(ctx, table, versions)
-    stages = [data_stage for data_stage in (base, r1_zero, cold_start, r1_rl, traces, r1, student_base, student)]
+    ran = [base, r1_zero, cold_start, r1_rl, traces, r1, student_base, student, *evaluations.values()]
     return {"data_hash": data_hash, "metrics": table, "versions": versions,
-            "stages": {s["name"]: s["cached"] for s in stages + list(evaluations.values())},
+            "stages": {s["name"]: s["cached"] for s in ran},
             "rejection_sampling": traces["result"]}
 
 
