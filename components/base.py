@@ -64,9 +64,12 @@ def pretrain(model, encoded: list[list[int]], cfg: ModelConfig, pad_id: int, see
     batches = [order[i : i + cfg.pretrain_batch_size] for i in range(0, len(order), cfg.pretrain_batch_size)]
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
-    warmup = max(1, cfg.pretrain_steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / max(1, cfg.pretrain_steps)))))
+    # Warmup, constant, then a linear decay over the last fifth (warmup-stable-decay): copying
+    # and look-up circuits form after a plateau, and a cosine schedule had decayed the rate
+    # before they did (measured: a copy task never left its plateau under cosine).
+    warmup, decay_from = max(1, cfg.pretrain_steps // 20), int(cfg.pretrain_steps * 0.8)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
+        (s + 1) / warmup, 1.0, (cfg.pretrain_steps - s) / max(1, cfg.pretrain_steps - decay_from)))
     model.train()
     loss_value, started = float("nan"), time.time()
     for step in range(1, cfg.pretrain_steps + 1):

@@ -20,21 +20,24 @@ SPLITS = ("train", "validation", "test")
 
 
 def addition_work(a: int, b: int) -> str:
-    """Column-by-column addition, units first, one line per column, carrying the answer so far.
+    """Column-by-column addition as a scratchpad a tiny model can follow, one line per column.
 
-    ``478 + 365`` → ``8+5=13 3`` / ``7+6+1=14 43`` / ``4+3+1=8 843``: each line adds one column
-    (plus the carry) and prepends the new digit, so the last line ends with the full sum. The
-    final column keeps its whole total, which places a last carry without an extra line.
+    ``478 + 365`` → ``478+365: 8+5=13 3`` / ``47+36: 7+6+1=14 43`` / ``4+3: 4+3+1=8 843``. Each
+    line restates what is left of the operands, so the digits to add sit right before ``+`` and
+    ``:`` (a local look-up, not a count of lines), adds them with the carry, and prepends the new
+    digit to the answer so far; the last column keeps its whole total, so the last line ends with
+    the sum.
     """
     lines, carry, partial = [], 0, ""
-    da, db = str(a)[::-1], str(b)[::-1]
+    da, db = str(a), str(b)
     columns = max(len(da), len(db))
+    da, db = da.zfill(columns), db.zfill(columns)
     for i in range(columns):
-        x = int(da[i]) if i < len(da) else 0
-        y = int(db[i]) if i < len(db) else 0
+        rest_a, rest_b = da[: columns - i], db[: columns - i]
+        x, y = int(rest_a[-1]), int(rest_b[-1])
         total = x + y + carry
         partial = (str(total) if i == columns - 1 else str(total % 10)) + partial
-        lines.append(f"{x}+{y}{'+1' if carry else ''}={total} {partial}")
+        lines.append(f"{rest_a}+{rest_b}: {x}+{y}{'+1' if carry else ''}={total} {partial}")
         carry = total // 10
     return "\n".join(lines)
 

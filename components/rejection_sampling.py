@@ -61,7 +61,7 @@ def run(spec: StageSpec) -> dict:
     prompts_kept = 0
     for record, completions in zip(records, samples):
         kept, reasons = accept(record, [c.text for c in completions])
-        traces += [{**record, "completion": text} for text in kept]
+        traces += [{**record, "id": f"{record['id']}-{i}", "completion": text} for i, text in enumerate(kept)]
         prompts_kept += bool(kept)
         totals = {k: totals[k] + reasons[k] for k in totals}
     write_jsonl(spec.output / "train.jsonl", traces)

@@ -8,8 +8,8 @@ from components.rewards import format_reward
 
 
 def test_addition_work_carries_column_by_column():
-    assert addition_work(478, 365) == "8+5=13 3\n7+6+1=14 43\n4+3+1=8 843"
-    assert addition_work(95, 7) == "5+7=12 2\n9+0+1=10 102"
+    assert addition_work(478, 365) == "478+365: 8+5=13 3\n47+36: 7+6+1=14 43\n4+3: 4+3+1=8 843"
+    assert addition_work(95, 7) == "95+07: 5+7=12 2\n9+0: 9+0+1=10 102"
     for a, b in ((0, 0), (9999, 1), (123, 4567), (5005, 5995)):
         assert addition_work(a, b).split()[-1] == str(a + b)  # the last line holds the sum
 

@@ -60,5 +60,6 @@ def test_rejection_sampling_stage_reports_acceptance(tiny_base, micro_data, tmp_
         {"model": str(tiny_base), "data": str(micro_data / "train.jsonl")}, device="cpu"))
     kept = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     assert result["samples"] == 64 and result["accepted"] == len(kept)
+    assert len({row["id"] for row in kept}) == len(kept)  # one id per trace, not per prompt
     assert result["accepted"] + sum(result["rejected"].values()) == 64
     assert all(is_correct(extract_answer(row["completion"]), row["answer"], "addition") for row in kept)
