@@ -24,22 +24,22 @@ from components.modeling import build_tiny_tokenizer, load_tokenizer, render_pro
 from components.stage_io import MetricsLog, parse_spec, seed_everything, write_result
 
 
-def pretraining_corpus(cfg: ModelConfig, seed: int, template: str, tokenizer) -> list[str]:
-    """Addition problems in chat form; a ``reasoning_share`` of them show their column work.
+def pretraining_corpus(cfg: ModelConfig, seed: int, template: str, tokenizer) -> list[tuple[str, str]]:
+    """(prompt, completion) addition problems in chat form; a ``reasoning_share`` show their work.
 
     The rest answer directly, which a tiny model cannot do reliably for multi-digit numbers: the
-    base therefore knows the format and the method but rarely uses it, leaving RL something to
-    teach. The operand range (1-4 digits) covers the task's prompts; exact test pairs are unlikely
-    but possible, as in any web-scale pretraining corpus.
+    base therefore knows the format and the method but often skips it, leaving RL something to
+    teach. Operands have 1 to ``pretrain_max_digits`` digits, covering the task's prompts; exact
+    test pairs are possible, as in any web-scale pretraining corpus.
     """
     rng = random.Random(seed + 1)
-    texts = []
+    pairs = []
     for _ in range(cfg.pretrain_examples):
-        a, b = (rng.randint(0, 10 ** rng.randint(1, 4) - 1) for _ in range(2))
+        a, b = (rng.randint(0, 10 ** rng.randint(1, cfg.pretrain_max_digits) - 1) for _ in range(2))
         thought = addition_work(a, b) if rng.random() < cfg.reasoning_share else ""
         completion = r1_completion(thought, str(a + b)) if thought else f"<think>\n</think>\n<answer>{a + b}</answer>"
-        texts.append(render_prompt(tokenizer, addition_question(a, b), template) + completion + tokenizer.eos_token)
-    return texts
+        pairs.append((render_prompt(tokenizer, addition_question(a, b), template), completion + tokenizer.eos_token))
+    return pairs
 
 
 def build_tiny_base(cfg: ModelConfig, seed: int, template: str, out: Path, log: MetricsLog) -> dict:
@@ -51,16 +51,22 @@ def build_tiny_base(cfg: ModelConfig, seed: int, template: str, out: Path, log: 
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     model = Qwen2ForCausalLM(config)
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    encoded = [(encode(prompt), encode(completion)) for prompt, completion in
                pretraining_corpus(cfg, seed, template, tokenizer)]
     loss = pretrain(model, encoded, cfg, tokenizer.pad_token_id, seed, log)
     save_model(model, tokenizer, out)
     return {"parameters": model.num_parameters(), "final_loss": loss, "corpus_examples": len(encoded)}
 
 
-def pretrain(model, encoded: list[list[int]], cfg: ModelConfig, pad_id: int, seed: int, log: MetricsLog) -> float:
-    """Next-token training with batches of similar length (mixed lengths wasted ~2/3 on padding)."""
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+def pretrain(model, encoded: list[tuple[list[int], list[int]]], cfg: ModelConfig, pad_id: int, seed: int,
+             log: MetricsLog) -> float:
+    """Next-token training on (prompt, completion) ids, loss on completions only.
+
+    The prompt's operands are random digits nothing can predict; their loss was noise in the
+    gradient. Batches hold similar lengths (mixed lengths wasted ~2/3 of compute on padding).
+    """
+    order = sorted(range(len(encoded)), key=lambda i: sum(map(len, encoded[i])))
     batches = [order[i : i + cfg.pretrain_batch_size] for i in range(0, len(order), cfg.pretrain_batch_size)]
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
@@ -74,10 +80,11 @@ def pretrain(model, encoded: list[list[int]], cfg: ModelConfig, pad_id: int, see
     loss_value, started = float("nan"), time.time()
     for step in range(1, cfg.pretrain_steps + 1):
         rows = [encoded[i] for i in rng.choice(batches)]
-        width = max(map(len, rows))
-        ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        width = max(len(p) + len(c) for p, c in rows)
+        ids = torch.tensor([p + c + [pad_id] * (width - len(p) - len(c)) for p, c in rows])
+        mask = torch.tensor([[1] * (len(p) + len(c)) + [0] * (width - len(p) - len(c)) for p, c in rows])
+        scored = torch.tensor([[0] * len(p) + [1] * len(c) + [0] * (width - len(p) - len(c)) for p, c in rows])
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(scored == 0, -100)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -68,6 +68,7 @@ class ModelConfig(Section):
     pretrain_steps: int = Field(600, ge=0)
     pretrain_batch_size: int = Field(64, gt=0)
     pretrain_lr: float = Field(3e-3, gt=0)
+    pretrain_max_digits: int = Field(4, ge=1, le=9, description="corpus operands have 1..this many digits")
     reasoning_share: float = Field(0.25, ge=0, le=1, description="share of the corpus that shows its work")
 
     @model_validator(mode="after")

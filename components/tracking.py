@@ -97,7 +97,7 @@ class Tracker:
         version = self.client.create_model_version(
             name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()}).version
         self.client.set_registered_model_alias(name, "candidate", version)
-        return version
+        return str(version)
 
     def promote_if_best(self, name: str, version: str, score: float) -> bool:
         """Move ``champion`` to this version when it scores at least the current champion."""

@@ -20,7 +20,7 @@ configure(_SESSION / "workspace")
 from components.config import DataConfig, ModelConfig  # noqa: E402
 
 MICRO_BASE = ModelConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, pretrain_examples=2000,
-                         pretrain_steps=120, pretrain_batch_size=32)
+                         pretrain_steps=120, pretrain_batch_size=32, pretrain_max_digits=2)
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +55,16 @@ def micro_data(tmp_path_factory) -> Path:
     build_datasets(DataConfig(n_train=120, n_validation=0, n_test=16, min_digits=1, max_digits=2,
                               cold_start_size=48), seed=0, out=out)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_prefect_server():
+    """Stop Prefect's ephemeral server while pytest's output is still open.
+
+    Left to its atexit hook, the server logs its shutdown to a stream pytest has already closed.
+    """
+    yield
+    from prefect.server.api.server import SubprocessASGIServer
+
+    for server in list(SubprocessASGIServer._instances.values()):
+        server.stop()

@@ -18,11 +18,13 @@ def test_tiny_base_pretrains_saves_and_reloads(tiny_base):
 
 def test_pretraining_corpus_mixes_worked_and_direct_answers(random_model):
     tokenizer = AutoTokenizer.from_pretrained(random_model)
-    corpus = base.pretraining_corpus(ModelConfig(pretrain_examples=400, reasoning_share=0.25), 0, "{question}",
-                                     tokenizer)
-    completions = [text.split("<|im_start|>assistant\n")[1].removesuffix("<|im_end|>") for text in corpus]
+    corpus = base.pretraining_corpus(ModelConfig(pretrain_examples=400, reasoning_share=0.25, pretrain_max_digits=2),
+                                     0, "{question}", tokenizer)
+    assert all(prompt.endswith("<|im_start|>assistant\n") for prompt, _ in corpus)
+    completions = [completion.removesuffix("<|im_end|>") for _, completion in corpus]
     worked = sum("=" in c for c in completions) / len(completions)
     assert 0.15 < worked < 0.35
+    assert max(int(c.split("<answer>")[1].split("<")[0]) for c in completions) <= 99 + 99
     assert format_reward(completions) == [1.0] * len(completions)
 
 

@@ -50,7 +50,7 @@ def test_registered_versions_with_aliases_and_lineage(first_run):
     for name in REGISTERED:
         champion = client.get_model_version_by_alias(name, "champion")
         candidate = client.get_model_version_by_alias(name, "candidate")
-        assert champion.version == candidate.version == "1"
+        assert str(champion.version) == str(candidate.version) == "1"
         assert champion.tags["data_hash"] == summary["data_hash"]
         assert {"config_hash", "parent_model", "eval_run_id", "pass_at_1", "stage_key"} <= set(champion.tags)
         folder = Path(champion.source.removeprefix("file://"))

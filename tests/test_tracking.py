@@ -31,8 +31,8 @@ def test_register_sets_candidate_and_moves_champion_only_on_a_better_score(track
     v2 = tracker.register(run, random_model, "r1flow-test", {"pass_at_1": 0.2})
     assert not tracker.promote_if_best("r1flow-test", v2, 0.2)
     client = tracker.client
-    assert client.get_model_version_by_alias("r1flow-test", "champion").version == v1
-    assert client.get_model_version_by_alias("r1flow-test", "candidate").version == v2
+    assert str(client.get_model_version_by_alias("r1flow-test", "champion").version) == v1
+    assert str(client.get_model_version_by_alias("r1flow-test", "candidate").version) == v2
     assert client.get_model_version("r1flow-test", v1).tags["data_hash"] == "abc"
     source = client.get_model_version("r1flow-test", v1).source
     assert (Path(source.removeprefix("file://")) / "model.safetensors").exists()
