@@ -74,5 +74,9 @@ class MetricsLog(TrainerCallback):
 
 
 def write_result(output: Path, result: dict) -> None:
+    """``result.json``; paths inside the output folder are written relative to it, because the
+    runner renames the folder once the stage completes."""
+    prefix = f"{output}/"
+    result = {k: str(v).removeprefix(prefix) if isinstance(v, (str, Path)) else v for k, v in result.items()}
     if is_main_process():
         (output / "result.json").write_text(json.dumps(result, indent=2, default=str))

@@ -55,15 +55,22 @@ def run(config: Path | None = ConfigOption, overrides: list[str] | None = SetOpt
     print_summary(summary, time.time() - started)
 
 
+SHORT = {"greedy_accuracy": "greedy", "format_rate": "format", "language_consistency": "language",
+         "mean_length": "tokens"}  # headers that fit an 80-column terminal
+
+
 def print_summary(summary: dict, seconds: float) -> None:
-    table = Table(title=f"r1flow results (run {summary['run_id'][:8]}, {seconds / 60:.1f} min)")
+    table = Table(title=f"r1flow results (run {summary['run_id'][:8]}, {seconds / 60:.1f} min)",
+                  caption="version: in the MLflow registry as <prefix>-<model>; ★ champion")
     metrics = next(iter(summary["metrics"].values()))
     keys = [k for k in metrics if k != "prompts"]
-    for column in ["model", *keys, "registered"]:
-        table.add_column(column, justify="left" if column in ("model", "registered") else "right")
+    table.add_column("model", no_wrap=True)
+    for key in keys:
+        table.add_column(SHORT.get(key, key), justify="right")
+    table.add_column("version")
     for role, values in summary["metrics"].items():
         version = summary["versions"].get(role)
-        registered = f"{version['name']} v{version['version']}" + (" ★" if version["champion"] else "") if version else ""
+        registered = f"v{version['version']}" + (" ★" if version["champion"] else "") if version else ""
         table.add_row(role, *(f"{values[k]:.3f}" if isinstance(values[k], float) else str(values[k]) for k in keys),
                       registered)
     console.print(table)

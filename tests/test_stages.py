@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from components.config import ModelConfig, load_profile
@@ -37,6 +39,7 @@ def test_run_stage_caches_and_leaves_nothing_half_written(tmp_path):
                        pretrain_steps=2, pretrain_batch_size=8)
     folder, key, cached = run_stage("base", "base", tiny, {}, profile, tmp_path)
     assert not cached and (folder / "model" / "model.safetensors").exists() and folder.name == key
+    assert json.loads((folder / "result.json").read_text())["model"] == "model"  # valid after the rename
     again, _, cached = run_stage("base", "base", tiny, {}, profile, tmp_path)
     assert cached and again == folder
 
