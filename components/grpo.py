@@ -13,9 +13,9 @@ from trl import GRPOConfig as TRLGRPOConfig
 from trl import GRPOTrainer
 
 from components.config import GRPOConfig
-from components.modeling import load_model, load_tokenizer, pick_device, render_prompt, save_model
+from components.modeling import load_model, load_tokenizer, pick_device, render_prompt
 from components.rewards import REWARDS
-from components.sft import loss_summary, read_jsonl, trl_arguments
+from components.sft import loss_summary, read_jsonl, save_trained, trl_arguments
 from components.stage_io import MetricsLog, StageSpec, parse_spec, seed_everything, write_result
 
 
@@ -49,9 +49,9 @@ def run(spec: StageSpec) -> dict:
         callbacks=[MetricsLog(spec.output / "metrics.jsonl")],
     )
     trainer.train()
-    model_dir = save_model(trainer.model, tokenizer, spec.output / "model")
     history = trainer.state.log_history
-    result = {"model": str(model_dir), "steps": trainer.state.global_step, **loss_summary(history, "reward"),
+    result = {**save_trained(trainer, tokenizer, spec.output / "model"), "steps": trainer.state.global_step,
+              **loss_summary(history, "reward"),
               **loss_summary(history, "completions/mean_length")}
     write_result(spec.output, result)
     return result

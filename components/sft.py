@@ -16,7 +16,7 @@ from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
 from components.config import SFTConfig, TrainConfig
-from components.modeling import load_model, load_tokenizer, pick_device, render_prompt, save_model
+from components.modeling import load_model, load_tokenizer, pick_device, render_prompt
 from components.stage_io import MetricsLog, StageSpec, parse_spec, seed_everything, write_result
 
 
@@ -43,6 +43,24 @@ def loss_summary(history: list[dict], key: str = "loss") -> dict:
     return {f"first_{key}": values[0], f"last_{key}": values[-1]} if values else {}
 
 
+def save_trained(trainer, tokenizer, out: Path) -> dict:
+    """Save the trained model as a HF folder and say how it was trained.
+
+    ``trainer.save_model`` writes from the main process only and gathers ZeRO-3 shards, so this
+    works the same under ``accelerate launch`` with DeepSpeed as in a plain process.
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    trainer.save_model(str(out))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the stage's spec.json says it all
+    plugin = trainer.accelerator.state.deepspeed_plugin if trainer.is_deepspeed_enabled else None
+    return {"model": str(out), "world_size": trainer.accelerator.num_processes,
+            "deepspeed_zero_stage": plugin.zero_stage if plugin else None}
+
+
 def run(spec: StageSpec) -> dict:
     cfg = SFTConfig(**spec.config)
     seed_everything(spec.seed)
@@ -59,9 +77,8 @@ def run(spec: StageSpec) -> dict:
     trainer = SFTTrainer(model=load_model(spec.inputs["model"], device), args=args, train_dataset=dataset,
                          processing_class=tokenizer, callbacks=[log])
     trainer.train()
-    model_dir = save_model(trainer.model, tokenizer, spec.output / "model")
-    result = {"model": str(model_dir), "examples": len(records), "steps": trainer.state.global_step,
-              **loss_summary(trainer.state.log_history)}
+    result = {**save_trained(trainer, tokenizer, spec.output / "model"), "examples": len(records),
+              "steps": trainer.state.global_step, **loss_summary(trainer.state.log_history)}
     write_result(spec.output, result)
     return result
 

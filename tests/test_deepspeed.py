@@ -1,0 +1,41 @@
+"""Training stages under `accelerate launch` with DeepSpeed ZeRO-2: two processes over gloo on CPU."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from components.config import load_profile
+from flows.stages import Artifact, run_stage
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def two_process_profile(tmp_path):
+    launch = tmp_path / "zero2x2.yaml"
+    text = Path("configs/accelerate/zero2.yaml").read_text()
+    launch.write_text(text.replace("num_processes: 1", "num_processes: 2"))
+    return load_profile("configs/micro.yaml", ["runtime.device=cpu", "runtime.launcher=accelerate",
+                                               f"runtime.accelerate_config={launch}"])
+
+
+@pytest.mark.parametrize("module", ["sft", "grpo"])
+def test_training_stage_runs_data_parallel_under_deepspeed(module, two_process_profile, random_model, micro_data,
+                                                           tmp_path):
+    profile = two_process_profile
+    section = profile.cold_start if module == "sft" else profile.grpo
+    data = micro_data / ("cold_start.jsonl" if module == "sft" else "train.jsonl")
+    folder, _, cached = run_stage(module, module, section, {"model": Artifact(str(random_model), "random"),
+                                                             "data": Artifact(str(data), "micro")}, profile, tmp_path)
+    result = json.loads((folder / "result.json").read_text())
+    assert not cached and result["world_size"] == 2 and result["deepspeed_zero_stage"] == 2
+    before, after = load_file(random_model / "model.safetensors"), load_file(folder / "model" / "model.safetensors")
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    assert not (folder / "model" / "training_args.bin").exists()  # safetensors and json only
+    if module == "sft":
+        assert result["last_loss"] < result["first_loss"]
+    steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(steps[0]) == 1  # logged by rank 0 only
