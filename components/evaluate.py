@@ -28,13 +28,16 @@ def majority(answers: list[str | None]) -> str | None:
     return votes.most_common(1)[0][0] if votes else None
 
 
+def grade(record: dict, text: str) -> bool:
+    return is_correct(extract_answer(text), record["answer"], record["task"], record.get("numbers"))
+
+
 def score(records: list[dict], sampled: list[list], greedy: list[list]) -> tuple[dict, list[dict]]:
     """Aggregate metrics and per-sample records for k samples (+1 greedy) per prompt."""
     rows, per_prompt, cons, greedy_ok = [], [], [], []
     for record, samples, (best,) in zip(records, sampled, greedy):
-        grade = lambda text: is_correct(extract_answer(text), record["answer"], record["task"], record.get("numbers"))  # noqa: E731
         texts = [s.text for s in samples]
-        correct = [grade(t) for t in texts]
+        correct = [grade(record, t) for t in texts]
         formats = format_reward(texts)
         langs = language_reward(texts)
         for i, (s, ok, form, lang) in enumerate(zip(samples, correct, formats, langs)):
@@ -43,8 +46,8 @@ def score(records: list[dict], sampled: list[list], greedy: list[list]) -> tuple
                          "tokens": s.tokens, "finished": s.finished})
         per_prompt.append(mean(correct))
         vote = majority([extract_answer(t) for t in texts])
-        cons.append(vote is not None and grade(f"<answer>{vote}</answer>"))
-        greedy_ok.append(grade(best.text))
+        cons.append(vote is not None and grade(record, f"<answer>{vote}</answer>"))
+        greedy_ok.append(grade(record, best.text))
     metrics = {
         "pass@1": mean(per_prompt),
         f"cons@{len(sampled[0])}": mean(cons),
@@ -63,7 +66,7 @@ def run(spec: StageSpec) -> dict:
     records = read_jsonl(spec.inputs["data"])[: cfg.limit]
     tokenizer = load_tokenizer(spec.inputs["model"])
     prompts = [render_prompt(tokenizer, r["question"], spec.prompt_template) for r in records]
-    common = dict(seed=spec.seed, batch_size=cfg.batch_size, device=spec.device, backend=spec.generation_backend)
+    common = {"seed": spec.seed, "batch_size": cfg.batch_size, "device": spec.device, "backend": spec.generation_backend}
     sampled = generate(spec.inputs["model"], prompts, Sampling(cfg.k, cfg.temperature, cfg.top_p, cfg.max_new_tokens),
                        label="evaluating (sampled)", **common)
     greedy = generate(spec.inputs["model"], prompts, Sampling(1, max_new_tokens=cfg.max_new_tokens, greedy=True),

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 from math_verify import parse, verify
 
-R1_FORMAT = re.compile(r"^\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*$", re.S)
-ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
+R1_FORMAT = re.compile(r"^\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*$", re.DOTALL)
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 TASKS = ("addition", "countdown", "gsm8k", "math")
 MATH_TASKS = ("gsm8k", "math")
 

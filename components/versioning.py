@@ -13,7 +13,7 @@ import yaml
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-from dvc.repo import Repo  # noqa: E402
+from dvc.repo import Repo
 
 
 def ensure_repo(root: Path, remote: str) -> None:

@@ -13,11 +13,11 @@ import pytest
 _SESSION = Path(tempfile.mkdtemp(prefix="r1flow-tests-"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ["PREFECT_HOME"] = str(_SESSION / "prefect")
-from flows.environment import configure  # noqa: E402
+from flows.environment import configure
 
 configure(_SESSION / "workspace")
 
-from components.config import DataConfig, ModelConfig  # noqa: E402
+from components.config import DataConfig, ModelConfig
 
 MICRO_BASE = ModelConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, pretrain_examples=2000,
                          pretrain_steps=120, pretrain_batch_size=32, pretrain_max_digits=2)

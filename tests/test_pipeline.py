@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_parent_run_with_one_child_per_stage(first_run):
-    root, summary = first_run
+    _, summary = first_run
     client = MlflowClient(summary["tracking_uri"])
     parent = client.get_run(summary["run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["data_hash"] == summary["data_hash"]
@@ -45,7 +45,7 @@ def test_parent_run_with_one_child_per_stage(first_run):
 
 
 def test_registered_versions_with_aliases_and_lineage(first_run):
-    root, summary = first_run
+    _, summary = first_run
     client = MlflowClient(summary["tracking_uri"])
     for name in REGISTERED:
         champion = client.get_model_version_by_alias(name, "champion")

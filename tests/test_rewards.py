@@ -1,5 +1,10 @@
 from components.rewards import (
-    accuracy_reward, extract_answer, format_reward, gold_parses, is_correct, language_reward,
+    accuracy_reward,
+    extract_answer,
+    format_reward,
+    gold_parses,
+    is_correct,
+    language_reward,
 )
 
 GOOD = "<think>\n8+5=13\n7+6+1=14\n</think>\n<answer>143</answer>"

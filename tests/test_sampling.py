@@ -25,7 +25,7 @@ def test_generate_returns_k_bounded_completions(random_model):
 def test_score_computes_pass_at_1_cons_and_greedy():
     records = [{"id": "a", "task": "addition", "question": "1+1", "answer": "2"},
                {"id": "b", "task": "addition", "question": "1+1", "answer": "2"}]
-    c = lambda text: Completion(text, 10, True)  # noqa: E731
+    c = lambda text: Completion(text, 10, True)
     sampled = [[c(RIGHT), c(RIGHT), c(WRONG), c(WRONG)],  # 2/4 right, vote ties to the first seen: right
                [c(WRONG), c(WRONG), c("no format <answer>2</answer>"), c(WRONG)]]
     greedy = [[c(RIGHT)], [c(WRONG)]]

@@ -9,7 +9,7 @@ from flows.stages import Artifact, StageFailed, code_version, run_stage, stage_k
 def test_code_version_follows_imports(monkeypatch, tmp_path):
     import shutil
 
-    import flows.stages as stages
+    from flows import stages
 
     copy = tmp_path / "components"
     shutil.copytree(stages.COMPONENTS, copy)
