@@ -104,7 +104,7 @@ class GRPOConfig(TrainConfig):
     max_completion_length: int = Field(64, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    beta: float = Field(0.0, ge=0, description="KL coefficient")
+    beta: float = Field(0.001, ge=0, description="KL coefficient (R1: 0.001); 0 drops the KL term and curve")
     epsilon: float = Field(0.2, gt=0, description="PPO clip range")
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
     scale_rewards: Literal["group", "batch", "none"] = "group"

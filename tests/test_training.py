@@ -34,5 +34,5 @@ def test_grpo_updates_the_policy_from_rule_rewards(tiny_base, micro_data, tmp_pa
     assert result["steps"] == 3 and len(rows) >= 3
     # Groups whose rewards differ carry an advantage, hence a gradient.
     assert min(row["frac_reward_zero_std"] for row in rows if "frac_reward_zero_std" in row) < 1.0
-    assert all(key in rows[0] for key in ("reward", "rewards/accuracy_reward/mean", "completions/mean_length"))
+    assert all(key in rows[0] for key in ("reward", "rewards/accuracy_reward/mean", "completions/mean_length", "kl"))
     assert _changed(tiny_base / "model.safetensors", tmp_path / "model" / "model.safetensors")
