@@ -35,8 +35,8 @@ class DataConfig(Section):
     n_train: int = Field(2000, gt=0, description="training prompts (synthetic) or import limit")
     n_validation: int = Field(100, ge=0, description="validation prompts split off the training set")
     n_test: int = Field(200, gt=0, description="held-out test prompts (synthetic) or import limit")
-    min_digits: int = Field(3, ge=1, description="synthetic: fewest digits in an operand")
-    max_digits: int = Field(4, ge=1, description="synthetic: most digits in an operand")
+    min_digits: int = Field(2, ge=1, description="synthetic: fewest digits in an operand")
+    max_digits: int = Field(2, ge=1, description="synthetic: most digits in an operand")
     cold_start_size: int = Field(200, gt=0, description="readable long-CoT examples for the cold start")
     decontamination_ngram: int = Field(8, gt=0, description="drop train prompts sharing a word n-gram with test")
 
@@ -64,12 +64,12 @@ class ModelConfig(Section):
     num_hidden_layers: int = Field(4, gt=0)
     num_attention_heads: int = Field(4, gt=0)
     intermediate_size: int = Field(256, gt=0)
-    pretrain_examples: int = Field(20000, gt=0, description="synthetic corpus size")
-    pretrain_steps: int = Field(600, ge=0)
+    pretrain_examples: int = Field(40000, gt=0, description="synthetic corpus size")
+    pretrain_steps: int = Field(1200, ge=0)
     pretrain_batch_size: int = Field(64, gt=0)
-    pretrain_lr: float = Field(3e-3, gt=0)
-    pretrain_max_digits: int = Field(4, ge=1, le=9, description="corpus operands have 1..this many digits")
-    reasoning_share: float = Field(0.25, ge=0, le=1, description="share of the corpus that shows its work")
+    pretrain_lr: float = Field(1e-3, gt=0)
+    pretrain_max_digits: int = Field(2, ge=1, le=9, description="corpus operands have 1..this many digits")
+    reasoning_share: float = Field(0.6, ge=0, le=1, description="share of the corpus that shows its work")
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

@@ -2,8 +2,8 @@
 
     build_datasets(DataConfig(), seed=0, out=Path("out"))
 
-The default task is synthetic multi-digit addition: a tiny model cannot add four-digit numbers in
-one step, but can by working column by column inside ``<think>``, which is what RL should discover.
+The default task is synthetic addition: a tiny model rarely adds two-digit numbers in one step,
+but often does by working column by column inside ``<think>``, which is what RL should reinforce.
 Benchmarks (GSM8K, MATH, Countdown) are imported from their public jsonl files instead.
 """
 

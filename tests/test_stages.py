@@ -28,7 +28,7 @@ def test_stage_key_depends_on_config_inputs_and_seed():
     inputs = {"model": Artifact("/m", "k1")}
     key = stage_key("grpo", cfg, inputs, profile)
     assert key == stage_key("grpo", cfg, {"model": Artifact("/elsewhere", "k1")}, profile)  # content, not path
-    assert key != stage_key("grpo", cfg.model_copy(update={"beta": 0.001}), inputs, profile)
+    assert key != stage_key("grpo", cfg.model_copy(update={"beta": 0.01}), inputs, profile)
     assert key != stage_key("grpo", cfg, {"model": Artifact("/m", "k2")}, profile)
     assert key != stage_key("grpo", cfg, inputs, profile.model_copy(update={"seed": 1}))
 
