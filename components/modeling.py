@@ -58,12 +58,11 @@ def load_tokenizer(path: str | Path, padding_side: str = "left") -> PreTrainedTo
     return tokenizer
 
 
-def load_model(path: str | Path, device: str = "cpu", trust_remote_code: bool = False):
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), use_safetensors=True, trust_remote_code=trust_remote_code,
-        dtype=torch.bfloat16 if device == "cuda" else torch.float32,
-    )
-    return model.to(device)
+def load_model(path: str | Path, device: str = "cpu", for_training: bool = False):
+    """A model from safetensors. Training keeps fp32 master weights (the trainer's ``bf16`` autocasts
+    on GPU; bf16 weights would lose small AdamW updates); generation on GPU runs in bf16."""
+    dtype = torch.bfloat16 if device == "cuda" and not for_training else torch.float32
+    return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, dtype=dtype).to(device)
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, question: str, template: str = "{question}") -> str:

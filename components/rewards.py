@@ -20,6 +20,7 @@ from math_verify import parse, verify
 
 R1_FORMAT = re.compile(r"^\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*$", re.DOTALL)
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+TAG = re.compile(r"</?(think|answer)>")
 TASKS = ("addition", "countdown", "gsm8k", "math")
 MATH_TASKS = ("gsm8k", "math")
 
@@ -109,14 +110,15 @@ def accuracy_reward(completions: list[str], answer: list[str], task: list[str], 
     return rewards
 
 
+def well_formed(completion: str) -> bool:
+    """Exactly one ``<think>…</think>`` followed by one ``<answer>…</answer>``, nothing around them."""
+    match = R1_FORMAT.match(completion)
+    return match is not None and not any(TAG.search(part) for part in match.groups())
+
+
 def format_reward(completions: list[str], **kwargs) -> list[float]:
-    """1.0 for exactly one ``<think>…</think>`` followed by one ``<answer>…</answer>``."""
-    rewards = []
-    for completion in completions:
-        match = R1_FORMAT.match(completion)
-        well_formed = match is not None and "<think>" not in match.group(1) and "<answer>" not in match.group(2)
-        rewards.append(float(well_formed))
-    return rewards
+    """R1's format reward: 1.0 for a well-formed completion, else 0.0."""
+    return [float(well_formed(c)) for c in completions]
 
 
 def language_reward(completions: list[str], **kwargs) -> list[float]:

@@ -74,7 +74,7 @@ def run(spec: StageSpec) -> dict:
     args = TRLSFTConfig(**trl_arguments(cfg, spec.output, spec.seed, device), max_length=cfg.max_length,
                         completion_only_loss=True)
     log = MetricsLog(spec.output / "metrics.jsonl")
-    trainer = SFTTrainer(model=load_model(spec.inputs["model"], device), args=args, train_dataset=dataset,
+    trainer = SFTTrainer(model=load_model(spec.inputs["model"], device, for_training=True), args=args, train_dataset=dataset,
                          processing_class=tokenizer, callbacks=[log])
     trainer.train()
     result = {**save_trained(trainer, tokenizer, spec.output / "model"), "examples": len(records),

@@ -21,7 +21,7 @@ import great_expectations as gx
 import pandas as pd
 from great_expectations.data_context.types.base import ProgressBarsConfig
 
-from components.rewards import R1_FORMAT, TASKS, extract_answer, gold_parses, is_correct
+from components.rewards import TASKS, extract_answer, gold_parses, is_correct, well_formed
 
 KINDS = ("prompts", "sft", "rejection_sampled", "eval")
 _TRACE_KINDS = ("sft", "rejection_sampled")
@@ -69,10 +69,7 @@ def _parseable(r: dict) -> bool:
 
 @_guarded
 def _well_formed(r: dict) -> bool:
-    match = R1_FORMAT.match(r["completion"])
-    return (
-        match is not None and "<think>" not in match.group(1) and "<answer>" not in match.group(2)
-    )
+    return well_formed(r["completion"])
 
 
 @_guarded

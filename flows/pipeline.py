@@ -24,7 +24,7 @@ from components.config import Profile, Section, content_hash, load_profile
 from components.data import build_datasets
 from components.tracking import PRIMARY_METRIC, Tracker, default_uri, metric_name
 from components.validate import validate_file
-from flows.stages import Artifact, code_version, run_stage
+from flows.stages import Artifact, code_version, file_digest, run_stage
 
 EVALUATED = ("base", "cold_start", "r1_zero", "r1_rl", "r1", "student")
 REGISTERED = ("cold_start", "r1_zero", "r1_rl", "r1", "student")
@@ -50,7 +50,8 @@ class Context:
 def prepare_data(ctx: Context) -> dict[str, Artifact]:
     """Generate or import prompt sets, decontaminate, validate each one; keyed like any stage."""
     cfg = ctx.profile.data
-    key = content_hash("data", code_version("data"), cfg, ctx.profile.seed)[:16]
+    sources = [file_digest(cfg.train_path), file_digest(cfg.test_path)]  # a benchmark's content, not its path
+    key = content_hash("data", code_version("data"), cfg, ctx.profile.seed, sources)[:16]
     folder = ctx.workspace / "stages" / "data" / key
     run_id = ctx.tracker.start_run("data", ctx.parent_run, tags={"stage_key": key})
     ctx.tracker.log_params(run_id, {"data": cfg.model_dump(mode="json")})
@@ -62,7 +63,7 @@ def prepare_data(ctx: Context) -> dict[str, Artifact]:
             build_datasets(cfg, ctx.profile.seed, tmp)
             _validate(ctx, run_id, tmp, {"train": "prompts", "validation": "prompts", "test": "eval",
                                          "cold_start": "sft"})
-        except Exception:
+        except BaseException:  # also Ctrl-C: nothing half-written, the run marked failed
             shutil.rmtree(tmp, ignore_errors=True)
             ctx.tracker.finish(run_id, ok=False)
             raise
@@ -96,7 +97,7 @@ def stage(ctx: Context, name: str, module: str, config: Section, **inputs: Artif
     steps = getattr(config, TRAINING_STEPS.get(module, ""), None)
     try:
         folder, key, cached = run_stage(name, module, config, inputs, ctx.profile, ctx.workspace, steps)
-    except Exception:
+    except BaseException:
         ctx.tracker.finish(run_id, ok=False)
         raise
     result = json.loads((folder / "result.json").read_text())

@@ -59,8 +59,22 @@ def code_version(module: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def file_digest(path: Path | None) -> str | None:
+    return None if path is None else hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def runtime_identity(module: str, profile: Profile) -> dict:
+    """The runtime settings that change a stage's output: device, generation backend and, for a
+    training stage under accelerate, the content of its config (world size, ZeRO stage, precision)."""
+    runtime = profile.runtime
+    identity = {"device": runtime.device, "generation_backend": runtime.generation_backend}
+    if runtime.launcher == "accelerate" and module in ("sft", "grpo"):
+        identity["accelerate_config"] = file_digest(runtime.accelerate_config)
+    return identity
+
+
 def stage_key(module: str, config: Section, inputs: dict[str, Artifact], profile: Profile) -> str:
-    shared = {"seed": profile.seed, "template": profile.prompt_template, "runtime": profile.runtime.device}
+    shared = {"seed": profile.seed, "template": profile.prompt_template, "runtime": runtime_identity(module, profile)}
     return content_hash(module, code_version(module), config, {k: v.key for k, v in sorted(inputs.items())},
                         shared)[:16]
 
@@ -94,7 +108,13 @@ def run_stage(name: str, module: str, config: Section, inputs: dict[str, Artifac
     log_path = tmp / "stage.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _follow(process, name, tmp / "metrics.jsonl", total_steps)
+        try:
+            _follow(process, name, tmp / "metrics.jsonl", total_steps)
+        except BaseException:  # Ctrl-C or a cancelled flow: stop the stage, leave no half-written folder
+            process.kill()
+            process.wait()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if process.returncode != 0 or not (tmp / "result.json").exists():
         logs = workspace / "logs"
         logs.mkdir(exist_ok=True)

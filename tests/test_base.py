@@ -1,11 +1,13 @@
 import importlib.util
 import json
+import re
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from components import base
 from components.config import ModelConfig
+from components.data import held_out
 from components.rewards import format_reward
 
 
@@ -26,6 +28,9 @@ def test_pretraining_corpus_mixes_worked_and_direct_answers(random_model):
     assert 0.15 < worked < 0.35
     assert max(int(c.split("<answer>")[1].split("<")[0]) for c in completions) <= 99 + 99
     assert format_reward(completions) == [1.0] * len(completions)
+    # No test problem is pretrained on: the corpus skips the held-out partition, in either order.
+    operands = [re.search(r"What is (\d+) \+ (\d+)\?", p).groups() for p, _ in corpus]
+    assert len(operands) == 400 and not any(held_out(int(a), int(b)) for a, b in operands)
 
 
 def test_hf_source_copies_a_folder(random_model, tmp_path):

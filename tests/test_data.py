@@ -3,7 +3,7 @@ import json
 import pytest
 
 from components.config import DataConfig
-from components.data import addition_work, build_datasets, synthetic_addition
+from components.data import addition_work, build_datasets, held_out, synthetic_addition
 from components.rewards import format_reward
 
 
@@ -17,7 +17,10 @@ def test_addition_work_carries_column_by_column():
 def test_synthetic_splits_are_disjoint_and_reproducible():
     cfg = DataConfig(n_train=300, n_validation=20, n_test=50)
     train, test = synthetic_addition(cfg, seed=1)
-    assert {r["question"] for r in train}.isdisjoint({r["question"] for r in test})
+    unordered = lambda records: {frozenset((r["a"], r["b"])) for r in records}
+    assert unordered(train).isdisjoint(unordered(test))  # not even as b + a
+    assert all(held_out(r["a"], r["b"]) for r in test) and not any(held_out(r["a"], r["b"]) for r in train)
+    assert len({r["id"] for r in train + test}) == 370
     assert len(test) == 50 and len(train) == 320
     assert all(int(r["answer"]) == r["a"] + r["b"] for r in train + test)
     assert synthetic_addition(cfg, seed=1) == (train, test)

@@ -30,8 +30,9 @@ def test_countdown_rejects_reused_or_foreign_numbers():
 
 def test_format_reward_requires_one_think_then_one_answer():
     bad = ["<answer>143</answer>", "<think>a</think>", "<think>a<think>b</think><answer>1</answer>",
-           "<think>a</think><answer>1</answer> trailing"]
-    assert format_reward([GOOD, *bad]) == [1.0, 0.0, 0.0, 0.0, 0.0]
+           "<think>a</think><answer>1</answer> trailing", "<think>a</think><answer>1</think></answer>",
+           "<think>a</think><answer>1</answer></answer>", "<think>a</think></think><answer>1</answer>"]
+    assert format_reward([GOOD, *bad]) == [1.0] + [0.0] * len(bad)
 
 
 def test_language_reward_is_share_of_target_script_letters():

@@ -1,9 +1,12 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from components.config import ModelConfig, load_profile
 from flows.stages import Artifact, StageFailed, code_version, run_stage, stage_key
+
+ACCELERATE = Path(__file__).parents[1] / "configs" / "accelerate" / "zero2.yaml"
 
 
 def test_code_version_follows_imports(monkeypatch, tmp_path):
@@ -31,6 +34,19 @@ def test_stage_key_depends_on_config_inputs_and_seed():
     assert key != stage_key("grpo", cfg.model_copy(update={"beta": 0.01}), inputs, profile)
     assert key != stage_key("grpo", cfg, {"model": Artifact("/m", "k2")}, profile)
     assert key != stage_key("grpo", cfg, inputs, profile.model_copy(update={"seed": 1}))
+    vllm = profile.runtime.model_copy(update={"generation_backend": "vllm"})
+    assert key != stage_key("grpo", cfg, inputs, profile.model_copy(update={"runtime": vllm}))
+
+
+def test_stage_key_follows_the_accelerate_config_content(tmp_path):
+    accelerate = tmp_path / "zero2.yaml"
+    accelerate.write_bytes(ACCELERATE.read_bytes())
+    profile = load_profile(None, ["runtime.launcher=accelerate", f"runtime.accelerate_config={accelerate}"])
+    inputs = {"model": Artifact("/m", "k1")}
+    keys = {module: stage_key(module, getattr(profile, module), inputs, profile) for module in ("grpo", "evaluate")}
+    accelerate.write_text(ACCELERATE.read_text().replace("num_processes: 1", "num_processes: 2"))
+    assert stage_key("grpo", profile.grpo, inputs, profile) != keys["grpo"]  # world size changes training
+    assert stage_key("evaluate", profile.evaluate, inputs, profile) == keys["evaluate"]  # not evaluation
 
 
 def test_run_stage_caches_and_leaves_nothing_half_written(tmp_path):
