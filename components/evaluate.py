@@ -13,12 +13,11 @@ import json
 from collections import Counter
 from statistics import mean
 
-from components.benchmarks import write_jsonl
+from components.benchmarks import load_jsonl, write_jsonl
 from components.config import EvaluateConfig
 from components.generation import Sampling, generate
 from components.modeling import load_tokenizer, render_prompt
 from components.rewards import extract_answer, format_reward, is_correct, language_reward
-from components.sft import read_jsonl
 from components.stage_io import StageSpec, parse_spec, seed_everything, write_result
 
 
@@ -63,7 +62,7 @@ def score(records: list[dict], sampled: list[list], greedy: list[list]) -> tuple
 def run(spec: StageSpec) -> dict:
     cfg = EvaluateConfig(**spec.config)
     seed_everything(spec.seed)
-    records = read_jsonl(spec.inputs["data"])[: cfg.limit]
+    records = load_jsonl(spec.inputs["data"])[: cfg.limit]
     tokenizer = load_tokenizer(spec.inputs["model"])
     prompts = [render_prompt(tokenizer, r["question"], spec.prompt_template) for r in records]
     common = {"seed": spec.seed, "batch_size": cfg.batch_size, "device": spec.device, "backend": spec.generation_backend}

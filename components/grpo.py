@@ -12,10 +12,11 @@ from datasets import Dataset
 from trl import GRPOConfig as TRLGRPOConfig
 from trl import GRPOTrainer
 
+from components.benchmarks import load_jsonl
 from components.config import GRPOConfig
 from components.modeling import load_model, load_tokenizer, pick_device, render_prompt
 from components.rewards import REWARDS
-from components.sft import loss_summary, read_jsonl, save_trained, trl_arguments
+from components.sft import loss_summary, save_trained, trl_arguments
 from components.stage_io import MetricsLog, StageSpec, parse_spec, seed_everything, write_result
 
 
@@ -45,7 +46,7 @@ def run(spec: StageSpec) -> dict:
     trainer = GRPOTrainer(
         model=load_model(spec.inputs["model"], device, for_training=True), args=args, processing_class=tokenizer,
         reward_funcs=[REWARDS[n] for n in names],
-        train_dataset=prompt_dataset(read_jsonl(spec.inputs["data"]), tokenizer, spec.prompt_template),
+        train_dataset=prompt_dataset(load_jsonl(spec.inputs["data"]), tokenizer, spec.prompt_template),
         callbacks=[MetricsLog(spec.output / "metrics.jsonl")],
     )
     trainer.train()

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 
-from components.benchmarks import write_jsonl
+from components.benchmarks import load_jsonl, write_jsonl
 from components.config import RejectionSamplingConfig
 from components.generation import Sampling, generate
 from components.modeling import load_tokenizer, render_prompt
 from components.rewards import accuracy_reward, format_reward, language_reward
-from components.sft import read_jsonl
 from components.stage_io import StageSpec, parse_spec, seed_everything, write_result
 
 
@@ -48,7 +47,7 @@ def accept(record: dict, completions: list[str]) -> tuple[list[str], dict]:
 def run(spec: StageSpec) -> dict:
     cfg = RejectionSamplingConfig(**spec.config)
     seed_everything(spec.seed)
-    records = read_jsonl(spec.inputs["data"])[: cfg.max_prompts]
+    records = load_jsonl(spec.inputs["data"])[: cfg.max_prompts]
     tokenizer = load_tokenizer(spec.inputs["model"])
     prompts = [render_prompt(tokenizer, r["question"], spec.prompt_template) for r in records]
     samples = generate(

@@ -8,21 +8,16 @@ jsonl of R1-format traces (``inputs.data``); loss on the completion only.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from datasets import Dataset
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
+from components.benchmarks import load_jsonl
 from components.config import SFTConfig, TrainConfig
 from components.modeling import load_model, load_tokenizer, pick_device, render_prompt
 from components.stage_io import MetricsLog, StageSpec, parse_spec, seed_everything, write_result
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def trl_arguments(cfg: TrainConfig, output: Path, seed: int, device: str) -> dict:
@@ -66,7 +61,7 @@ def run(spec: StageSpec) -> dict:
     seed_everything(spec.seed)
     device = pick_device(spec.device)
     tokenizer = load_tokenizer(spec.inputs["model"], padding_side="right")
-    records = read_jsonl(spec.inputs["data"])
+    records = load_jsonl(spec.inputs["data"])
     dataset = Dataset.from_list([
         {"prompt": render_prompt(tokenizer, r["question"], spec.prompt_template), "completion": r["completion"]}
         for r in records

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -62,7 +63,7 @@ class Tracker:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
-        items = [Metric(metric_name(k), float(v), 0, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        items = [Metric(metric_name(k), float(v), _now_ms(), step) for k, v in metrics.items() if isinstance(v, (int, float))]
         for i in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[i : i + 1000])
 
@@ -71,7 +72,8 @@ class Tracker:
         if not path.exists():
             return 0
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        items = [Metric(metric_name(k), float(v), 0, int(row["step"]))
+        now = _now_ms()  # replayed after the stage: the UI's time axis shows when it was logged
+        items = [Metric(metric_name(k), float(v), now, int(row["step"]))
                  for row in rows for k, v in row.items() if k != "step" and isinstance(v, (int, float))]
         for i in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[i : i + 1000])
@@ -99,17 +101,21 @@ class Tracker:
         self.client.set_registered_model_alias(name, "candidate", version)
         return str(version)
 
-    def promote_if_best(self, name: str, version: str, score: float) -> bool:
-        """Move ``champion`` to this version when it scores at least the current champion."""
+    def promote_if_best(self, name: str, version: str, score: float, eval_key: str = "") -> bool:
+        """Move ``champion`` to this version when it scores at least the current champion.
+
+        Scores compare only on the same evaluation (``eval_key``: protocol and test set); a
+        champion measured otherwise stays until someone moves the alias by hand.
+        """
         try:
             champion = self.client.get_model_version_by_alias(name, "champion")
-            best = float(champion.tags.get(PRIMARY_METRIC, "-inf"))
         except MlflowException:
-            best = float("-inf")
-        if score >= best:
-            self.client.set_registered_model_alias(name, "champion", version)
-            return True
-        return False
+            champion = None
+        if champion is not None and (champion.tags.get("eval_key", "") != eval_key
+                                     or score < float(champion.tags.get(PRIMARY_METRIC, "-inf"))):
+            return False
+        self.client.set_registered_model_alias(name, "champion", version)
+        return True
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -120,3 +126,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

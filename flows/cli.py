@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -95,8 +94,7 @@ def ui(config: Path | None = ConfigOption, mlflow_port: int = 5000, prefect_port
     servers = [
         subprocess.Popen([str(bin_dir / "mlflow"), "ui", "--backend-store-uri", uri, "--host", host,
                           "--port", str(mlflow_port)]),
-        subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", host, "--port", str(prefect_port)],
-                         env={**os.environ}),
+        subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", host, "--port", str(prefect_port)]),
     ]
     console.print(f"MLflow UI:  http://{host}:{mlflow_port}\nPrefect UI: http://{host}:{prefect_port}\n"
                   "Ctrl-C to stop.")

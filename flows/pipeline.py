@@ -148,8 +148,9 @@ def version_data(ctx: Context, datasets: dict[str, Artifact]) -> str:
 
 @task(name="register", cache_policy=NO_CACHE)
 def register(ctx: Context, models: dict[str, dict], evaluations: dict[str, dict], parents: dict[str, str],
-             data_hash: str) -> dict[str, dict]:
+             data_hash: str, test_set: Artifact) -> dict[str, dict]:
     """Register each trained model (once per stage key), alias candidate, champion if best."""
+    eval_key = content_hash(ctx.profile.evaluate, test_set.key)[:16]  # scores compare only under the same one
     registered = {}
     for role, out in models.items():
         name = f"{ctx.profile.tracking.registry_prefix}-{role.replace('_', '-')}"
@@ -162,9 +163,9 @@ def register(ctx: Context, models: dict[str, dict], evaluations: dict[str, dict]
                 "stage_key": out["key"], "config_hash": content_hash(ctx.profile)[:16],
                 "code_version": out["code_version"], "data_hash": data_hash,
                 "parent_model": parents[role], "eval_run_id": evaluations[role]["run_id"],
-                PRIMARY_METRIC: score,
+                "eval_key": eval_key, PRIMARY_METRIC: score,
             })
-        champion = ctx.tracker.promote_if_best(name, version, score)
+        champion = ctx.tracker.promote_if_best(name, version, score, eval_key)
         registered[role] = {"name": name, "version": version, "champion": champion, "new": not existing}
     return registered
 
@@ -224,7 +225,7 @@ def _recipe(ctx: Context) -> dict:
     parents = {"cold_start": "base", "r1_zero": "base", "r1_rl": "cold_start", "r1": "base",
                "student": "student_base"}
     parents = {role: f"{parent}:{lineage[parent]['key']}" for role, parent in parents.items()}
-    versions = register(ctx, {r: models[r] for r in REGISTERED}, evaluations, parents, data_hash)
+    versions = register(ctx, {r: models[r] for r in REGISTERED}, evaluations, parents, data_hash, data["test"])
     table = {role: evaluations[role]["result"]["metrics"] for role in EVALUATED}
     _report(ctx, table, versions)
     ran = [base, r1_zero, cold_start, r1_rl, traces, r1, student_base, student, *evaluations.values()]

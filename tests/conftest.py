@@ -19,6 +19,18 @@ configure(_SESSION / "workspace")
 
 from components.config import DataConfig, ModelConfig
 
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests need CUDA: skipped, with the reason shown, on machines without it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
 MICRO_BASE = ModelConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, pretrain_examples=2000,
                          pretrain_steps=120, pretrain_batch_size=32, pretrain_max_digits=2)
 

@@ -11,14 +11,15 @@ from components.config import load_profile
 from flows.stages import Artifact, run_stage
 
 pytestmark = pytest.mark.slow
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 @pytest.fixture
 def two_process_profile(tmp_path):
     launch = tmp_path / "zero2x2.yaml"
-    text = Path("configs/accelerate/zero2.yaml").read_text()
+    text = (CONFIGS / "accelerate" / "zero2.yaml").read_text()
     launch.write_text(text.replace("num_processes: 1", "num_processes: 2"))
-    return load_profile("configs/micro.yaml", ["runtime.device=cpu", "runtime.launcher=accelerate",
+    return load_profile(CONFIGS / "micro.yaml", ["runtime.device=cpu", "runtime.launcher=accelerate",
                                                f"runtime.accelerate_config={launch}"])
 
 

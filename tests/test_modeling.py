@@ -1,6 +1,8 @@
+import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from components.modeling import REASONING_TAGS, build_tiny_tokenizer, render_prompt
+from components.modeling import REASONING_TAGS, build_tiny_tokenizer, load_model, render_prompt
 
 TEXT = "<|im_start|>user\nWhat is 12 + 3?  \tx é\n<|im_end|>\n<think>\n2+3=5\n</think>\n<answer>15</answer><|im_end|>"
 
@@ -31,3 +33,14 @@ def test_saved_model_is_safetensors_and_loads_without_remote_code(random_model):
     assert not list(random_model.glob("*.bin"))
     model = AutoModelForCausalLM.from_pretrained(random_model, trust_remote_code=False)
     assert model.config.model_type == "qwen2"
+
+
+@pytest.mark.gpu
+def test_on_gpu_training_keeps_fp32_master_weights_and_generation_runs_bf16(random_model):
+    assert load_model(random_model, "cuda", for_training=True).dtype == torch.float32  # trainer autocasts
+    assert load_model(random_model, "cuda").dtype == torch.bfloat16
+
+
+def test_on_cpu_everything_loads_fp32(random_model):
+    assert load_model(random_model, "cpu").dtype == load_model(random_model, "cpu", for_training=True).dtype
+    assert load_model(random_model, "cpu").dtype == torch.float32

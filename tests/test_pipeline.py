@@ -7,6 +7,7 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
 from components import versioning
+from components.config import load_profile
 from components.validate import DataValidationError
 
 MICRO = str(Path(__file__).parents[1] / "configs" / "micro.yaml")
@@ -37,7 +38,7 @@ def test_parent_run_with_one_child_per_stage(first_run):
     assert all(c.info.status == "FINISHED" for c in children)
     grpo = next(c for c in children if c.info.run_name == "r1_zero")
     assert len(client.get_metric_history(grpo.info.run_id, "reward")) >= 2  # a training curve
-    assert "grpo.beta" in grpo.data.params or "r1_zero.beta" in grpo.data.params
+    assert grpo.data.params["r1_zero.beta"] == str(load_profile(MICRO).grpo.beta)  # params name the stage
     evaluation = next(c for c in children if c.info.run_name == "eval_r1")
     assert "pass_at_1" in evaluation.data.metrics
     assert "samples.jsonl" in {a.path for a in client.list_artifacts(evaluation.info.run_id)}
@@ -52,7 +53,7 @@ def test_registered_versions_with_aliases_and_lineage(first_run):
         candidate = client.get_model_version_by_alias(name, "candidate")
         assert str(champion.version) == str(candidate.version) == "1"
         assert champion.tags["data_hash"] == summary["data_hash"]
-        assert {"config_hash", "parent_model", "eval_run_id", "pass_at_1", "stage_key"} <= set(champion.tags)
+        assert {"config_hash", "parent_model", "eval_run_id", "eval_key", "pass_at_1", "stage_key"} <= set(champion.tags)
         folder = Path(champion.source.removeprefix("file://"))
         assert AutoModelForCausalLM.from_pretrained(folder).num_parameters() > 0
 

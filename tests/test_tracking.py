@@ -38,6 +38,17 @@ def test_register_sets_candidate_and_moves_champion_only_on_a_better_score(track
     assert (Path(source.removeprefix("file://")) / "model.safetensors").exists()
 
 
+def test_champion_is_not_replaced_by_a_score_from_another_evaluation(tracker, random_model):
+    run = tracker.start_run("r1")
+    v1 = tracker.register(run, random_model, "r1flow-eval", {"pass_at_1": 0.4, "eval_key": "k=4"})
+    assert tracker.promote_if_best("r1flow-eval", v1, 0.4, "k=4")
+    v2 = tracker.register(run, random_model, "r1flow-eval", {"pass_at_1": 0.9, "eval_key": "easier"})
+    assert not tracker.promote_if_best("r1flow-eval", v2, 0.9, "easier")  # higher, but not comparable
+    v3 = tracker.register(run, random_model, "r1flow-eval", {"pass_at_1": 0.5, "eval_key": "k=4"})
+    assert tracker.promote_if_best("r1flow-eval", v3, 0.5, "k=4")
+    assert str(tracker.client.get_model_version_by_alias("r1flow-eval", "champion").version) == v3
+
+
 def test_names_and_flattening():
     assert metric_name("pass@1") == "pass_at_1" and metric_name("rewards/format_reward/mean") == "rewards/format_reward/mean"
     assert flatten({"a": {"b": 1, "c": {}}, "d": 2}) == {"a.b": 1, "a.c": {}, "d": 2}
