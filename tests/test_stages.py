@@ -65,3 +65,20 @@ def test_run_stage_caches_and_leaves_nothing_half_written(tmp_path):
     leftovers = [p.name for p in (tmp_path / "stages" / "base").iterdir()]
     assert leftovers == [key]  # no temporary folder left behind
     assert list((tmp_path / "logs").glob("base-*.log"))
+
+
+def test_interrupted_stage_stops_its_process_and_leaves_no_folder(tmp_path, monkeypatch):
+    from flows import stages
+
+    started = []
+
+    def interrupt(process, *args):
+        started.append(process)
+        raise KeyboardInterrupt  # what Ctrl-C raises in the flow while the stage runs
+
+    monkeypatch.setattr(stages, "_follow", interrupt)
+    profile = load_profile(None, ["runtime.device=cpu"])
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("base", "base", ModelConfig(pretrain_steps=10_000), {}, profile, tmp_path)
+    assert started[0].poll() is not None  # the stage process was stopped, not left running
+    assert list((tmp_path / "stages" / "base").iterdir()) == []
