@@ -26,6 +26,7 @@ from components.config import Profile, Section, content_hash
 from components.stage_io import StageSpec
 
 COMPONENTS = Path(__file__).resolve().parents[1] / "components"
+DISTRIBUTED = ("sft", "grpo")  # the components `accelerate launch` starts; the rest run as one process
 
 
 class StageFailed(RuntimeError):
@@ -68,7 +69,7 @@ def runtime_identity(module: str, profile: Profile) -> dict:
     training stage under accelerate, the content of its config (world size, ZeRO stage, precision)."""
     runtime = profile.runtime
     identity = {"device": runtime.device, "generation_backend": runtime.generation_backend}
-    if runtime.launcher == "accelerate" and module in ("sft", "grpo"):
+    if runtime.launcher == "accelerate" and module in DISTRIBUTED:
         identity["accelerate_config"] = file_digest(runtime.accelerate_config)
     return identity
 
@@ -81,7 +82,7 @@ def stage_key(module: str, config: Section, inputs: dict[str, Artifact], profile
 
 def launch_command(module: str, spec_path: Path, profile: Profile) -> list[str]:
     python = profile.runtime.stage_python or sys.executable
-    if profile.runtime.launcher == "accelerate" and module in ("sft", "grpo"):
+    if profile.runtime.launcher == "accelerate" and module in DISTRIBUTED:
         return [python, "-m", "accelerate.commands.launch", "--config_file", str(profile.runtime.accelerate_config),
                 "-m", f"components.{module}", "--spec", str(spec_path)]
     return [python, "-m", f"components.{module}", "--spec", str(spec_path)]
