@@ -10,11 +10,13 @@ re-saved as safetensors, since transformers refuses to ``save_pretrained`` a GGU
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import random
 import time
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
@@ -27,7 +29,14 @@ from components.modeling import (
     render_prompt,
     save_model,
 )
-from components.stage_io import MetricsLog, parse_spec, seed_everything, write_result
+from components.stage_io import (
+    MetricsLog,
+    keep_checkpoint,
+    parse_spec,
+    resume_from,
+    seed_everything,
+    write_result,
+)
 
 
 def pretraining_corpus(cfg: ModelConfig, seed: int, template: str, tokenizer) -> list[tuple[str, str]]:
@@ -50,7 +59,8 @@ def pretraining_corpus(cfg: ModelConfig, seed: int, template: str, tokenizer) ->
     return pairs
 
 
-def build_tiny_base(cfg: ModelConfig, seed: int, template: str, out: Path, log: MetricsLog) -> dict:
+def build_tiny_base(cfg: ModelConfig, seed: int, template: str, out: Path, log: MetricsLog,
+                    checkpoints: Path | None = None) -> dict:
     tokenizer = build_tiny_tokenizer()
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
@@ -62,14 +72,17 @@ def build_tiny_base(cfg: ModelConfig, seed: int, template: str, out: Path, log: 
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     encoded = [(encode(prompt), encode(completion)) for prompt, completion in
                pretraining_corpus(cfg, seed, template, tokenizer)]
-    loss = pretrain(model, encoded, cfg, tokenizer.pad_token_id, seed, log)
+    loss, resumed = pretrain(model, encoded, cfg, tokenizer.pad_token_id, seed, log, checkpoints)
     save_model(model, tokenizer, out)
-    return {"parameters": model.num_parameters(), "final_loss": loss, "corpus_examples": len(encoded)}
+    return {"parameters": model.num_parameters(), "final_loss": loss, "corpus_examples": len(encoded),
+            "resumed_from_step": resumed}
 
 
 def pretrain(model, encoded: list[tuple[list[int], list[int]]], cfg: ModelConfig, pad_id: int, seed: int,
-             log: MetricsLog) -> float:
-    """Next-token training on (prompt, completion) ids, loss on completions only.
+             log: MetricsLog, checkpoints: Path | None = None) -> tuple[float, int]:
+    """Next-token training on (prompt, completion) ids, loss on completions only; returns the
+    final loss and the step it resumed from (a checkpoint every ``save_steps`` when
+    ``checkpoints`` is given; a resumed run continues exactly as an uninterrupted one would).
 
     The prompt's operands are random digits nothing can predict; their loss was noise in the
     gradient. Batches hold similar lengths (mixed lengths wasted ~2/3 of compute on padding).
@@ -84,9 +97,11 @@ def pretrain(model, encoded: list[tuple[list[int], list[int]]], cfg: ModelConfig
     warmup, decay_from = max(1, cfg.pretrain_steps // 20), int(cfg.pretrain_steps * 0.8)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
         (s + 1) / warmup, 1.0, (cfg.pretrain_steps - s) / max(1, cfg.pretrain_steps - decay_from)))
+    state = {"model": model, "optimizer": optimizer, "schedule": schedule, "rng": rng}
+    resumed = load_pretraining(resume_from(checkpoints, log.path), state)
     model.train()
     loss_value, started = float("nan"), time.time()
-    for step in range(1, cfg.pretrain_steps + 1):
+    for step in range(resumed + 1, cfg.pretrain_steps + 1):
         rows = [encoded[i] for i in rng.choice(batches)]
         width = max(len(p) + len(c) for p, c in rows)
         ids = torch.tensor([p + c + [pad_id] * (width - len(p) - len(c)) for p, c in rows])
@@ -103,8 +118,37 @@ def pretrain(model, encoded: list[tuple[list[int], list[int]]], cfg: ModelConfig
             raise RuntimeError(f"base: pretraining loss became {loss_value} at step {step}; lower base.pretrain_lr")
         if step % 25 == 0 or step == cfg.pretrain_steps:
             log.write(step, loss=loss_value, learning_rate=schedule.get_last_lr()[0], seconds=time.time() - started)
+        if checkpoints is not None and step % cfg.save_steps == 0 and step < cfg.pretrain_steps:
+            save_pretraining(step, state, log.path.parent / f"checkpoint-{step}")
+            keep_checkpoint(log.path.parent / f"checkpoint-{step}", checkpoints, log.path)
     model.eval()
-    return loss_value
+    return loss_value, resumed
+
+
+def save_pretraining(step: int, state: dict, folder: Path) -> None:
+    """Weights as safetensors; optimizer and schedule as tensors-only state; RNGs as JSON."""
+    folder.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_model(state["model"], str(folder / "model.safetensors"))
+    torch.save({"optimizer": state["optimizer"].state_dict(), "schedule": state["schedule"].state_dict(),
+                "torch_rng": torch.get_rng_state()}, folder / "training_state.pt")
+    version, internal, gauss = state["rng"].getstate()
+    (folder / "progress.json").write_text(json.dumps({"step": step, "rng": [version, list(internal), gauss]}))
+
+
+def load_pretraining(checkpoint: Path | None, state: dict) -> int:
+    """Restore a checkpoint written by ``save_pretraining``; returns its step (0: none)."""
+    if checkpoint is None:
+        return 0
+    safetensors.torch.load_model(state["model"], str(checkpoint / "model.safetensors"))
+    saved = torch.load(checkpoint / "training_state.pt", weights_only=True)
+    state["optimizer"].load_state_dict(saved["optimizer"])
+    state["schedule"].load_state_dict(saved["schedule"])
+    torch.set_rng_state(saved["torch_rng"])
+    progress = json.loads((checkpoint / "progress.json").read_text())
+    version, internal, gauss = progress["rng"]
+    state["rng"].setstate((version, tuple(internal), gauss))
+    print(f"resuming from {checkpoint.name}", flush=True)
+    return progress["step"]
 
 
 def gguf_location(cfg: ModelConfig) -> tuple[str, str]:
@@ -139,11 +183,11 @@ def copy_hf(cfg: ModelConfig, out: Path) -> dict:
     return {"parameters": model.num_parameters(), "source": cfg.path}
 
 
-def run(cfg: ModelConfig, seed: int, template: str, output: Path) -> dict:
+def run(cfg: ModelConfig, seed: int, template: str, output: Path, checkpoints: Path | None = None) -> dict:
     seed_everything(seed)
     model_dir = output / "model"
     if cfg.source == "tiny":
-        result = build_tiny_base(cfg, seed, template, model_dir, MetricsLog(output / "metrics.jsonl"))
+        result = build_tiny_base(cfg, seed, template, model_dir, MetricsLog(output / "metrics.jsonl"), checkpoints)
     elif cfg.source == "gguf":
         result = convert_gguf(cfg, model_dir)
     else:
@@ -154,4 +198,4 @@ def run(cfg: ModelConfig, seed: int, template: str, output: Path) -> dict:
 
 if __name__ == "__main__":
     spec = parse_spec()
-    run(ModelConfig(**spec.config), spec.seed, spec.prompt_template, spec.output)
+    run(ModelConfig(**spec.config), spec.seed, spec.prompt_template, spec.output, spec.checkpoints)

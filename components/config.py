@@ -69,6 +69,7 @@ class ModelConfig(Section):
     pretrain_lr: float = Field(1e-3, gt=0)
     pretrain_max_digits: int = Field(2, ge=1, le=9, description="corpus operands have 1..this many digits")
     reasoning_share: float = Field(0.6, ge=0, le=1, description="share of the corpus that shows its work")
+    save_steps: int = Field(200, gt=0, description="pretraining checkpoint interval (crash resume)")
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -91,6 +92,7 @@ class TrainConfig(Section):
     lr_scheduler_type: str = "constant_with_warmup"
     warmup_steps: int = Field(0, ge=0)
     logging_steps: int = Field(5, gt=0)
+    save_steps: int = Field(50, gt=0, description="checkpoint every N steps: a crash loses at most this many")
     trl_args: dict[str, Any] = Field(default_factory=dict, description="any other TRL argument, by TRL's name")
 
 
@@ -148,6 +150,11 @@ class RuntimeConfig(Section):
         "python", description="how training stages start: plain python, or accelerate launch (DeepSpeed)")
     accelerate_config: Path | None = Field(None, description="accelerate/DeepSpeed YAML for launcher=accelerate")
     stage_python: str | None = Field(None, description="interpreter of the stage environment (GPU workers)")
+    gpu_deployment: str | None = Field(
+        None, description="Prefect deployment that runs GPU stages (e.g. r1flow-stage/gpu); none: run them here")
+    gpu_components: list[Literal["base", "sft", "grpo", "rejection_sampling", "evaluate"]] = Field(
+        default_factory=lambda: ["sft", "grpo", "rejection_sampling", "evaluate"],
+        description="the components sent to gpu_deployment when it is set")
 
     @model_validator(mode="after")
     def _check(self) -> RuntimeConfig:
@@ -156,6 +163,17 @@ class RuntimeConfig(Section):
         if self.accelerate_config is not None and not self.accelerate_config.exists():
             raise ValueError(f"file not found: {self.accelerate_config}")
         return self
+
+
+class PromotionConfig(Section):
+    """Gates before a model takes the ``champion`` alias (``components.promotion``)."""
+
+    margin: float = Field(0.01, ge=0, description="pass@1 must beat the champion's by at least this")
+    min_format_rate: float = Field(0.9, ge=0, le=1, description="share of well-formed eval samples")
+    max_zero_std_share: float = Field(0.95, ge=0, le=1, description="GRPO: reward groups with no spread")
+    max_clipped_ratio: float = Field(0.5, ge=0, le=1, description="GRPO: completions cut at the length limit")
+    min_entropy: float = Field(0.02, ge=0, description="GRPO: mean token entropy of the policy")
+    patience: int = Field(3, gt=0, description="logged steps in a row beyond a threshold that mean collapse")
 
 
 class TrackingConfig(Section):
@@ -181,6 +199,7 @@ class Profile(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
+    promotion: PromotionConfig = PromotionConfig()
 
     @model_validator(mode="after")
     def _check_profile(self) -> Profile:

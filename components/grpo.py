@@ -16,8 +16,8 @@ from components.benchmarks import load_jsonl
 from components.config import GRPOConfig
 from components.modeling import load_model, load_tokenizer, pick_device, render_prompt
 from components.rewards import REWARDS
-from components.sft import loss_summary, save_trained, trl_arguments
-from components.stage_io import MetricsLog, StageSpec, parse_spec, seed_everything, write_result
+from components.sft import callbacks, loss_summary, save_trained, train_resumable, trl_arguments
+from components.stage_io import StageSpec, parse_spec, seed_everything, write_result
 
 
 def prompt_dataset(records: list[dict], tokenizer, template: str) -> Dataset:
@@ -37,7 +37,7 @@ def run(spec: StageSpec) -> dict:
     tokenizer = load_tokenizer(spec.inputs["model"], padding_side="left")
     names = list(cfg.rewards)
     args = TRLGRPOConfig(
-        **trl_arguments(cfg, spec.output, spec.seed, device),
+        **trl_arguments(cfg, spec, device),
         num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.beta, epsilon=cfg.epsilon,
         loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards,
@@ -47,11 +47,12 @@ def run(spec: StageSpec) -> dict:
         model=load_model(spec.inputs["model"], device, for_training=True), args=args, processing_class=tokenizer,
         reward_funcs=[REWARDS[n] for n in names],
         train_dataset=prompt_dataset(load_jsonl(spec.inputs["data"]), tokenizer, spec.prompt_template),
-        callbacks=[MetricsLog(spec.output / "metrics.jsonl")],
+        callbacks=callbacks(spec),
     )
-    trainer.train()
+    resumed = train_resumable(trainer, spec)
     history = trainer.state.log_history
     result = {**save_trained(trainer, tokenizer, spec.output / "model"), "steps": trainer.state.global_step,
+              "resumed_from_step": resumed,
               **loss_summary(history, "reward"),
               **loss_summary(history, "completions/mean_length")}
     write_result(spec.output, result)

@@ -17,20 +17,45 @@ from trl import SFTTrainer
 from components.benchmarks import load_jsonl
 from components.config import SFTConfig, TrainConfig
 from components.modeling import load_model, load_tokenizer, pick_device, render_prompt
-from components.stage_io import MetricsLog, StageSpec, parse_spec, seed_everything, write_result
+from components.stage_io import (
+    AtomicCheckpoints,
+    MetricsLog,
+    StageSpec,
+    checkpoint_step,
+    parse_spec,
+    resume_from,
+    seed_everything,
+    write_result,
+)
 
 
-def trl_arguments(cfg: TrainConfig, output: Path, seed: int, device: str) -> dict:
-    """Arguments every TRL trainer here gets; CPU needs fp32 and no checkpointing (FINDINGS 1)."""
+def trl_arguments(cfg: TrainConfig, spec: StageSpec, device: str) -> dict:
+    """Arguments every TRL trainer here gets; CPU needs fp32 and no gradient checkpointing (FINDINGS 1).
+    Checkpoints are written every ``save_steps`` when the stage has a checkpoint folder."""
     on_cpu = device == "cpu"
     fields = ("learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
               "lr_scheduler_type", "warmup_steps", "logging_steps")
     return {
         **{name: getattr(cfg, name) for name in fields},
-        "output_dir": str(output / "trainer"), "seed": seed, "data_seed": seed, "report_to": "none",
-        "save_strategy": "no", "use_cpu": on_cpu, "bf16": not on_cpu, "gradient_checkpointing": False,
+        "output_dir": str(spec.output / "trainer"), "seed": spec.seed, "data_seed": spec.seed, "report_to": "none",
+        "save_strategy": "steps" if spec.checkpoints else "no", "save_steps": cfg.save_steps, "use_cpu": on_cpu, "bf16": not on_cpu, "gradient_checkpointing": False,
         "disable_tqdm": True, **cfg.trl_args,
     }
+
+
+def callbacks(spec: StageSpec) -> list:
+    """The metrics log, and atomic checkpoints when the stage keeps them."""
+    log = MetricsLog(spec.output / "metrics.jsonl")
+    return [log, AtomicCheckpoints(spec.checkpoints, log.path)] if spec.checkpoints else [log]
+
+
+def train_resumable(trainer, spec: StageSpec) -> int:
+    """Train, continuing from the last complete checkpoint an earlier attempt left; returns its step."""
+    checkpoint = resume_from(spec.checkpoints, spec.output / "metrics.jsonl")
+    if checkpoint is not None:
+        print(f"resuming from {checkpoint.name}", flush=True)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    return checkpoint_step(checkpoint)
 
 
 def loss_summary(history: list[dict], key: str = "loss") -> dict:
@@ -66,14 +91,13 @@ def run(spec: StageSpec) -> dict:
         {"prompt": render_prompt(tokenizer, r["question"], spec.prompt_template), "completion": r["completion"]}
         for r in records
     ])
-    args = TRLSFTConfig(**trl_arguments(cfg, spec.output, spec.seed, device), max_length=cfg.max_length,
-                        completion_only_loss=True)
-    log = MetricsLog(spec.output / "metrics.jsonl")
-    trainer = SFTTrainer(model=load_model(spec.inputs["model"], device, for_training=True), args=args, train_dataset=dataset,
-                         processing_class=tokenizer, callbacks=[log])
-    trainer.train()
+    args = TRLSFTConfig(**trl_arguments(cfg, spec, device), max_length=cfg.max_length, completion_only_loss=True)
+    trainer = SFTTrainer(model=load_model(spec.inputs["model"], device, for_training=True), args=args,
+                         train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks(spec))
+    resumed = train_resumable(trainer, spec)
     result = {**save_trained(trainer, tokenizer, spec.output / "model"), "examples": len(records),
-              "steps": trainer.state.global_step, **loss_summary(trainer.state.log_history)}
+              "steps": trainer.state.global_step, "resumed_from_step": resumed,
+              **loss_summary(trainer.state.log_history)}
     write_result(spec.output, result)
     return result
 

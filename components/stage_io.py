@@ -12,6 +12,9 @@ import argparse
 import json
 import os
 import random
+import shutil
+import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,21 +33,35 @@ class StageSpec:
     device: str = "auto"
     prompt_template: str = "{question}"
     generation_backend: str = "transformers"
+    checkpoints: Path | None = None  # where complete checkpoints live across attempts (crash resume)
 
     def write(self, path: Path) -> Path:
-        path.write_text(json.dumps({**self.__dict__, "output": str(self.output)}, indent=2, default=str))
+        path.write_text(json.dumps(self.__dict__, indent=2, default=str))
         return path
 
     @classmethod
     def read(cls, path: Path) -> StageSpec:
         raw = json.loads(Path(path).read_text())
-        return cls(**{**raw, "output": Path(raw["output"])})
+        checkpoints = raw.get("checkpoints")
+        return cls(**{**raw, "output": Path(raw["output"]), "checkpoints": Path(checkpoints) if checkpoints else None})
 
 
 def parse_spec() -> StageSpec:
+    die_with_parent()
     parser = argparse.ArgumentParser(description="Run one r1flow stage from its spec file.")
     parser.add_argument("--spec", required=True, type=Path, help="stage spec JSON written by the flow")
     return StageSpec.read(parser.parse_args().spec)
+
+
+def die_with_parent() -> None:
+    """Linux: end this stage process when the process that launched it dies, SIGKILL included, so
+    a killed pipeline never leaves a stage running on, writing into a folder nobody will rename."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent was already gone before the line above took effect
+            sys.exit("stage: the process that launched it has exited")
 
 
 def seed_everything(seed: int) -> None:
@@ -71,6 +88,55 @@ class MetricsLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         numbers = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
         self.write(state.global_step, **numbers)
+
+
+def latest_checkpoint(folder: Path | None) -> Path | None:
+    """The newest checkpoint in ``folder``. Checkpoints are renamed in only when complete
+    (``keep_checkpoint``), so whatever is there is whole: a crash mid-save leaves nothing to load."""
+    if folder is None or not folder.is_dir():
+        return None
+    found = [p for p in folder.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()]
+    return max(found, key=lambda p: int(p.name.removeprefix("checkpoint-")), default=None)
+
+
+def keep_checkpoint(written: Path, folder: Path, metrics: Path) -> Path:
+    """Move a fully written checkpoint into ``folder`` atomically (with the metrics log so far)
+    and drop the older ones: one interval of work is the most a crash can lose."""
+    if metrics.exists():
+        shutil.copyfile(metrics, written / "metrics.jsonl")
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / written.name
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(written, target)
+    for older in folder.glob("checkpoint-*"):
+        if older != target:
+            shutil.rmtree(older, ignore_errors=True)
+    return target
+
+
+def resume_from(folder: Path | None, metrics: Path) -> Path | None:
+    """The checkpoint a restarted stage continues from, with its metrics log restored."""
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is not None and (checkpoint / "metrics.jsonl").exists() and is_main_process():
+        shutil.copyfile(checkpoint / "metrics.jsonl", metrics)
+    return checkpoint
+
+
+def checkpoint_step(checkpoint: Path | None) -> int:
+    return int(checkpoint.name.removeprefix("checkpoint-")) if checkpoint else 0
+
+
+class AtomicCheckpoints(TrainerCallback):
+    """Moves each checkpoint the Trainer has finished writing into the stage's checkpoint folder."""
+
+    def __init__(self, folder: Path, metrics: Path):
+        self.folder, self.metrics = folder, metrics
+
+    def on_save(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank's shard is written before the move
+        if state.is_world_process_zero:
+            keep_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.folder, self.metrics)
 
 
 def write_result(output: Path, result: dict) -> None:

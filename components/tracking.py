@@ -79,6 +79,9 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items[i : i + 1000])
         return len(rows)
 
+    def log_dict(self, run_id: str, values: dict, artifact_file: str) -> None:
+        self.client.log_dict(run_id, values, artifact_file)
+
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         if path.is_dir():
             self.client.log_artifacts(run_id, str(path), artifact_path)
@@ -101,21 +104,19 @@ class Tracker:
         self.client.set_registered_model_alias(name, "candidate", version)
         return str(version)
 
-    def promote_if_best(self, name: str, version: str, score: float, eval_key: str = "") -> bool:
-        """Move ``champion`` to this version when it scores at least the current champion.
-
-        Scores compare only on the same evaluation (``eval_key``: protocol and test set); a
-        champion measured otherwise stays until someone moves the alias by hand.
-        """
+    def champion(self, name: str):
+        """The version holding ``champion``, or None."""
         try:
-            champion = self.client.get_model_version_by_alias(name, "champion")
+            return self.client.get_model_version_by_alias(name, "champion")
         except MlflowException:
-            champion = None
-        if champion is not None and (champion.tags.get("eval_key", "") != eval_key
-                                     or score < float(champion.tags.get(PRIMARY_METRIC, "-inf"))):
-            return False
-        self.client.set_registered_model_alias(name, "champion", version)
-        return True
+            return None
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, version)
+
+    def tag_version(self, name: str, version: str, tags: dict) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version, key, str(value))
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -55,10 +55,14 @@ def remote_status(root: Path) -> dict:
         repo.close()
 
 
-def pull(root: Path) -> None:
-    """Restore ``data/`` from the remote, byte for byte (for reruns on a fresh clone)."""
+def restore(root: Path, pointer: str, remote: str, data_dir: str = "data") -> str:
+    """Check out the data version a ``.dvc`` pointer names, pulled from the remote byte for byte
+    (DVC verifies every file's hash); returns its hash. For reruns on a fresh clone."""
+    (root / f"{data_dir}.dvc").write_text(pointer)
+    ensure_repo(root, remote)
     repo = Repo(str(root))
     try:
-        repo.pull()
+        repo.pull(targets=[str(root / f"{data_dir}.dvc")], force=True)
     finally:
         repo.close()
+    return data_hash(root, data_dir)

@@ -1,6 +1,6 @@
 """The ``r1flow`` command: run the pipeline, open the UIs.
 
-    r1flow run [--config FILE] [--set key=value ...]
+    r1flow run [--config FILE] [--set key=value ...] [--from STAGE | --only STAGE]
     r1flow ui
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -37,21 +38,43 @@ def _profile(config: Path | None, overrides: list[str] | None) -> tuple[Path | N
 
 
 @app.command()
-def run(config: Path | None = ConfigOption, overrides: list[str] | None = SetOption) -> None:
-    """Run the whole recipe for a profile and print the evaluation table."""
+def run(config: Path | None = ConfigOption, overrides: list[str] | None = SetOption,
+        from_stage: str | None = typer.Option(None, "--from", help="rerun this stage and everything downstream"),
+        only: str | None = typer.Option(None, "--only", help="run this stage alone, on cached inputs")) -> None:
+    """Run the whole recipe for a profile (cached stages are reused) and print the results."""
+    from flows.recipe import STAGES
+
+    if from_stage and only:
+        _fail("use --from or --only, not both", 2)
+    for name in filter(None, (from_stage, only)):
+        if name not in STAGES:
+            _fail(f"unknown stage {name!r}; stages: {', '.join(STAGES)}", 2)
     config, profile = _profile(config, overrides)
     configure(profile.workspace)
-    from components.validate import DataValidationError
-    from flows.pipeline import r1_pipeline
-    from flows.stages import StageFailed
+    from flows.pipeline import r1_pipeline, stage_flow
 
     started = time.time()
-    try:
-        summary = r1_pipeline(config=str(config) if config else None, overrides=overrides or [], root=".")
-    except (StageFailed, DataValidationError, FileNotFoundError, ValueError) as error:
-        console.print(f"[red]pipeline failed:[/red] {error}", soft_wrap=True)
-        raise typer.Exit(1) from None
+    args = {"config": str(config) if config else None, "overrides": overrides or [], "root": "."}
+    with _reported("pipeline"):
+        summary = stage_flow(stage=only, **args, force=True) if only else r1_pipeline(**args, from_stage=from_stage)
     print_summary(summary, time.time() - started)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    console.print(f"[red]{message}[/red]", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _reported(what: str):
+    """The errors a user can act on, as one message and exit 1 instead of a traceback."""
+    from components.validate import DataValidationError
+    from flows.stages import StageFailed
+
+    try:
+        yield
+    except (StageFailed, DataValidationError, FileNotFoundError, ValueError) as error:
+        _fail(f"{what} failed: {error}")
 
 
 SHORT = {"greedy_accuracy": "greedy", "format_rate": "format", "language_consistency": "language",
@@ -59,6 +82,17 @@ SHORT = {"greedy_accuracy": "greedy", "format_rate": "format", "language_consist
 
 
 def print_summary(summary: dict, seconds: float) -> None:
+    stages = Table(title="stages", caption="cached: reused from .r1flow/stages/<stage>/<key>; ran: executed now")
+    for column in ("stage", "status", "seconds"):
+        stages.add_column(column, justify="right" if column == "seconds" else "left")
+    for name, cached in summary["stages"].items():
+        seconds_taken = summary.get("seconds", {}).get(name)
+        stages.add_row(name, "[dim]cached[/dim]" if cached else "[bold]ran[/bold]",
+                       f"{seconds_taken:.1f}" if seconds_taken is not None else "")
+    console.print(stages)
+    if "metrics" not in summary:  # --only: one stage
+        console.print(f"{seconds / 60:.1f} min; MLflow run {summary['run_id']}")
+        return
     table = Table(title=f"r1flow results (run {summary['run_id'][:8]}, {seconds / 60:.1f} min)",
                   caption="version: in the MLflow registry as <prefix>-<model>; ★ champion")
     metrics = next(iter(summary["metrics"].values()))
@@ -73,12 +107,78 @@ def print_summary(summary: dict, seconds: float) -> None:
         table.add_row(role, *(f"{values[k]:.3f}" if isinstance(values[k], float) else str(values[k]) for k in keys),
                       registered)
     console.print(table)
-    hits = [name for name, cached in summary["stages"].items() if cached]
-    console.print(f"stages cached: {', '.join(hits) if hits else 'none'}")
     rs = summary["rejection_sampling"]
     console.print(f"rejection sampling kept {rs['accepted']}/{rs['samples']} samples "
                   f"({rs['acceptance_rate']:.1%}); data version {summary['data_hash']}")
     console.print(f"MLflow: {summary['tracking_uri']} (run {summary['run_id']}); `r1flow ui` to browse")
+
+
+@app.command()
+def rerun(run_id: str, config: Path | None = ConfigOption,
+          tolerance: float = typer.Option(0.0, help="largest metric difference that still counts as reproduced; "
+                                          "0 on CPU (same seeds, same kernels), e.g. 0.02 across GPUs"),
+          tracking_uri: str | None = typer.Option(None, help="MLflow store holding the run (default: the profile's)")) -> None:
+    """Reproduce a past pipeline run: its config, its DVC data version, then compare every eval metric."""
+    _, profile = _profile(config, None)
+    configure(profile.workspace)
+    from components.tracking import default_uri
+    from flows.reproduce import rerun as reproduce
+
+    uri = tracking_uri or profile.tracking.tracking_uri or default_uri(profile.workspace)
+    started = time.time()
+    with _reported("rerun"):
+        summary, comparisons, warnings = reproduce(run_id, Path.cwd(), uri)
+    print_summary(summary, time.time() - started)
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+    table = Table(title=f"run {run_id[:8]} reproduced as {summary['run_id'][:8]} (tolerance {tolerance})")
+    for column in ("metric", "recorded", "rerun", "match"):
+        table.add_column(column)
+    for c in comparisons:
+        table.add_row(c.metric, f"{c.recorded:.4f}", f"{c.reproduced:.4f}", "yes" if c.matches(tolerance) else "[red]NO")
+    console.print(table)
+    if not comparisons or not all(c.matches(tolerance) for c in comparisons):
+        _fail(f"not reproduced: {sum(not c.matches(tolerance) for c in comparisons)} metric(s) differ")
+    console.print(f"reproduced: {len(comparisons)} metrics match; data version {summary['data_hash']}")
+
+
+@app.command()
+def promote(version: str = typer.Argument(..., help="a registered version, NAME/VERSION, e.g. r1flow-r1/3"),
+            config: Path | None = ConfigOption, yes: bool = typer.Option(False, "--yes", help="do not ask")) -> None:
+    """Show the promotion checks for a version against the champion, and move `champion` if you say so."""
+    _, profile = _profile(config, None)
+    configure(profile.workspace)
+    from mlflow.exceptions import MlflowException
+
+    from components.promotion import gate_checks, verdict
+    from components.tracking import Tracker, default_uri
+
+    name, _, number = version.partition("/")
+    if not number.isdigit():
+        _fail(f"version {version!r}: expected NAME/VERSION, e.g. r1flow-r1/3", 2)
+    tracker = Tracker(profile.tracking.tracking_uri or default_uri(profile.workspace), profile.tracking.experiment)
+    with _reported("promote"):
+        try:
+            candidate = tracker.client.get_model_version(name, number)
+        except MlflowException as error:  # its message names what is missing
+            raise ValueError(f"no registered version {version}: {error}") from None
+    champion = tracker.champion(name)
+    if champion is not None and str(champion.version) == number:
+        console.print(f"{version} is already the champion.")
+        return
+    checks = gate_checks(candidate.tags, champion.tags if champion else None, profile.promotion)
+    table = Table(title=f"{version} vs champion {f'v{champion.version}' if champion else '(none)'}")
+    for column in ("check", "passed", "detail"):
+        table.add_column(column)
+    for check in checks:
+        table.add_row(check.name, "yes" if check.passed else "[red]no", check.detail)
+    console.print(table)
+    console.print(verdict(checks).replace("promoted to champion", "every gate passes"))
+    if not yes and not typer.confirm(f"Move champion of {name} to v{number}?", default=False):
+        raise typer.Exit(1)
+    tracker.set_alias(name, "champion", number)
+    tracker.tag_version(name, number, {"promotion": "promoted by hand; " + verdict(checks)})
+    console.print(f"champion of {name} is now v{number}")
 
 
 @app.command()

@@ -88,20 +88,68 @@ def launch_command(module: str, spec_path: Path, profile: Profile) -> list[str]:
     return [python, "-m", f"components.{module}", "--spec", str(spec_path)]
 
 
-def run_stage(name: str, module: str, config: Section, inputs: dict[str, Artifact], profile: Profile,
-              workspace: Path, total_steps: int | None = None) -> tuple[Path, str, bool]:
-    """Run a stage unless its keyed folder exists; returns (folder, key, cache hit)."""
-    key = stage_key(module, config, inputs, profile)
-    final = workspace / "stages" / name / key
-    if (final / "result.json").exists():
-        return final, key, True
-    tmp = final.parent / f".tmp-{key}-{os.getpid()}"
+def stage_folder(workspace: Path, name: str, key: str) -> Path:
+    return workspace / "stages" / name / key
+
+
+def scratch_folder(final: Path) -> Path:
+    """This process's temporary folder for ``final``, after removing any that a killed process
+    left (its pid is gone): a crash leaves nothing half-written behind once the stage runs again."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".*-{final.name}-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def install(tmp: Path, final: Path) -> None:
+    """Rename a completed folder into place (atomic: the keyed folder appears only when whole);
+    a forced rerun's old folder steps aside first."""
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def checkpoint_folder(workspace: Path, name: str, key: str) -> Path:
+    """Complete checkpoints of an unfinished stage, kept across attempts until it completes."""
+    return workspace / "stages" / name / f".checkpoints-{key}"
+
+
+def run_stage(name: str, module: str, config: Section, inputs: dict[str, Artifact], profile: Profile,
+              workspace: Path, total_steps: int | None = None, force: bool = False) -> tuple[Path, str, bool]:
+    """Run a stage unless its keyed folder exists (or ``force``); returns (folder, key, cache hit).
+
+    A stage killed part-way (crash, SIGKILL, Ctrl-C) leaves only its checkpoints; the next attempt
+    with the same key continues from the last one.
+    """
+    key = stage_key(module, config, inputs, profile)
+    final = stage_folder(workspace, name, key)
+    if (final / "result.json").exists() and not force:
+        return final, key, True
+    tmp = scratch_folder(final)
     tmp.mkdir(parents=True)
+    checkpoints = checkpoint_folder(workspace, name, key)
     spec = StageSpec(stage=name, config=config.model_dump(mode="json"), output=tmp,
                      inputs={k: v.path for k, v in inputs.items()}, seed=profile.seed,
                      device=profile.runtime.device, prompt_template=profile.prompt_template,
-                     generation_backend=profile.runtime.generation_backend)
+                     generation_backend=profile.runtime.generation_backend, checkpoints=checkpoints)
     command = launch_command(module, spec.write(tmp / "spec.json"), profile)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     if profile.runtime.device == "cpu" or (profile.runtime.device == "auto" and not _has_cuda()):
@@ -123,7 +171,9 @@ def run_stage(name: str, module: str, config: Section, inputs: dict[str, Artifac
         shutil.rmtree(tmp, ignore_errors=True)
         tail = "\n".join(Path(kept).read_text().splitlines()[-15:])
         raise StageFailed(f"stage {name!r} failed (exit {process.returncode}); full log: {kept}\n{tail}")
-    os.replace(tmp, final)  # atomic: the keyed folder appears only when complete
+    shutil.rmtree(tmp / "trainer", ignore_errors=True)  # the Trainer's scratch: checkpoints already moved out
+    install(tmp, final)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     return final, key, False
 
 

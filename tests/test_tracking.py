@@ -24,29 +24,18 @@ def test_child_runs_metrics_and_params(tracker, tmp_path):
     assert run.info.status == "FINISHED"
 
 
-def test_register_sets_candidate_and_moves_champion_only_on_a_better_score(tracker, random_model):
+def test_register_sets_candidate_and_keeps_the_folder_loadable(tracker, random_model):
     run = tracker.start_run("r1")
     v1 = tracker.register(run, random_model, "r1flow-test", {"pass_at_1": 0.4, "data_hash": "abc"})
-    assert tracker.promote_if_best("r1flow-test", v1, 0.4)
+    tracker.set_alias("r1flow-test", "champion", v1)
     v2 = tracker.register(run, random_model, "r1flow-test", {"pass_at_1": 0.2})
-    assert not tracker.promote_if_best("r1flow-test", v2, 0.2)
-    client = tracker.client
-    assert str(client.get_model_version_by_alias("r1flow-test", "champion").version) == v1
-    assert str(client.get_model_version_by_alias("r1flow-test", "candidate").version) == v2
-    assert client.get_model_version("r1flow-test", v1).tags["data_hash"] == "abc"
-    source = client.get_model_version("r1flow-test", v1).source
+    assert str(tracker.champion("r1flow-test").version) == v1  # registering never moves champion
+    assert str(tracker.client.get_model_version_by_alias("r1flow-test", "candidate").version) == v2
+    tracker.tag_version("r1flow-test", v2, {"promotion": "kept as candidate: x"})
+    assert tracker.client.get_model_version("r1flow-test", v2).tags["promotion"] == "kept as candidate: x"
+    assert tracker.client.get_model_version("r1flow-test", v1).tags["data_hash"] == "abc"
+    source = tracker.client.get_model_version("r1flow-test", v1).source
     assert (Path(source.removeprefix("file://")) / "model.safetensors").exists()
-
-
-def test_champion_is_not_replaced_by_a_score_from_another_evaluation(tracker, random_model):
-    run = tracker.start_run("r1")
-    v1 = tracker.register(run, random_model, "r1flow-eval", {"pass_at_1": 0.4, "eval_key": "k=4"})
-    assert tracker.promote_if_best("r1flow-eval", v1, 0.4, "k=4")
-    v2 = tracker.register(run, random_model, "r1flow-eval", {"pass_at_1": 0.9, "eval_key": "easier"})
-    assert not tracker.promote_if_best("r1flow-eval", v2, 0.9, "easier")  # higher, but not comparable
-    v3 = tracker.register(run, random_model, "r1flow-eval", {"pass_at_1": 0.5, "eval_key": "k=4"})
-    assert tracker.promote_if_best("r1flow-eval", v3, 0.5, "k=4")
-    assert str(tracker.client.get_model_version_by_alias("r1flow-eval", "champion").version) == v3
 
 
 def test_names_and_flattening():

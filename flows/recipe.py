@@ -1,0 +1,67 @@
+"""The R1 recipe as data: each stage, the component it runs, its profile section, its inputs.
+
+An input is ``"stage"`` (that stage's model folder) or ``"stage/file"`` (a file it wrote, e.g.
+``data/train`` is ``train.jsonl`` of the data stage). From this table the pipeline knows what
+``--from STAGE`` must rerun (the stage and everything downstream) and what ``--only STAGE`` needs
+cached (everything upstream).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+EVALUATED = ("base", "cold_start", "r1_zero", "r1_rl", "r1", "student")
+REGISTERED = ("cold_start", "r1_zero", "r1_rl", "r1", "student")
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    module: str  # components.<module>
+    section: str  # the profile section that configures it
+    inputs: dict[str, str] = field(default_factory=dict)
+    validate: str | None = None  # a GX suite its train.jsonl must pass before anything trains on it
+
+
+RECIPE = (
+    Step("base", "base", "base"),
+    # R1-Zero: GRPO straight from the base, rule rewards only.
+    Step("r1_zero", "grpo", "grpo", {"model": "base", "data": "data/train"}),
+    # R1: a little cold-start SFT, the same RL, rejection sampling, then SFT of the base on the traces.
+    Step("cold_start", "sft", "cold_start", {"model": "base", "data": "data/cold_start"}),
+    Step("r1_rl", "grpo", "grpo", {"model": "cold_start", "data": "data/train"}),
+    Step("rejection_sampling", "rejection_sampling", "rejection_sampling", {"model": "r1_rl", "data": "data/train"},
+         validate="rejection_sampled"),
+    Step("r1", "sft", "sft", {"model": "base", "data": "rejection_sampling/train"}),
+    # Distillation: plain SFT of a smaller student on the same traces.
+    Step("student_base", "base", "student"),
+    Step("student", "sft", "distill", {"model": "student_base", "data": "rejection_sampling/train"}),
+    # Every model on the held-out test prompts, R1's protocol.
+    *(Step(f"eval_{model}", "evaluate", "evaluate", {"model": model, "data": "data/test"}) for model in EVALUATED),
+)
+STAGES = ("data", *(step.name for step in RECIPE))
+# Each registered model's parent in the lineage.
+PARENTS = {"cold_start": "base", "r1_zero": "base", "r1_rl": "cold_start", "r1": "base", "student": "student_base"}
+
+
+def step(name: str) -> Step:
+    return next(s for s in RECIPE if s.name == name)
+
+
+def check_stage(name: str) -> str:
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    return name
+
+
+def upstream(name: str) -> set[str]:
+    """Every stage whose output ``name`` reads, directly or not."""
+    if name == "data":
+        return set()
+    direct = {ref.split("/")[0] for ref in step(name).inputs.values()}
+    return direct.union(*(upstream(d) for d in direct))
+
+
+def downstream(name: str) -> set[str]:
+    """Every stage that reads ``name``'s output, directly or not."""
+    return {s for s in STAGES if name in upstream(s)}
