@@ -151,7 +151,8 @@ class RuntimeConfig(Section):
     accelerate_config: Path | None = Field(None, description="accelerate/DeepSpeed YAML for launcher=accelerate")
     stage_python: str | None = Field(None, description="interpreter of the stage environment (GPU workers)")
     gpu_deployment: str | None = Field(
-        None, description="Prefect deployment that runs GPU stages (e.g. r1flow-stage/gpu); none: run them here")
+        None, description="Prefect deployment that runs a GPU stage, {stage} filled in (infra/prefect.yaml: "
+        "r1flow-stage/{stage}); none: run them here")
     gpu_components: list[Literal["base", "sft", "grpo", "rejection_sampling", "evaluate"]] = Field(
         default_factory=lambda: ["sft", "grpo", "rejection_sampling", "evaluate"],
         description="the components sent to gpu_deployment when it is set")

@@ -48,7 +48,8 @@ class Tracker:
 
     # --- runs -----------------------------------------------------------------------------
     def start_run(self, name: str, parent: str | None = None, tags: dict | None = None) -> str:
-        tags = {**(tags or {}), "mlflow.runName": name, **({"mlflow.parentRunId": parent} if parent else {})}
+        tags = {**{k: str(v) for k, v in (tags or {}).items()}, "mlflow.runName": name,
+                **({"mlflow.parentRunId": parent} if parent else {})}
         return self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
 
     def finish(self, run_id: str, ok: bool = True) -> None:

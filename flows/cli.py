@@ -24,6 +24,8 @@ app = typer.Typer(help="r1flow: the DeepSeek-R1 recipe as an operable pipeline."
 console = Console()
 
 ConfigOption = typer.Option(None, "--config", "-c", help="profile YAML (default: configs/default.yaml)")
+PrefectFileOption = typer.Option(Path("infra/prefect.yaml"), help="the deployments to register")
+PoolOption = typer.Option(["cpu", "gpu"], "--pool", help="process work pools to create if missing")
 SetOption = typer.Option(None, "--set", "-s", help="override a key, e.g. --set grpo.learning_rate=5e-5")
 
 
@@ -179,6 +181,46 @@ def promote(version: str = typer.Argument(..., help="a registered version, NAME/
     tracker.set_alias(name, "champion", number)
     tracker.tag_version(name, number, {"promotion": "promoted by hand; " + verdict(checks)})
     console.print(f"champion of {name} is now v{number}")
+
+
+@app.command()
+def deploy(prefect_file: Path = PrefectFileOption, pools: list[str] = PoolOption) -> None:
+    """Register the Prefect deployments (the nightly pipeline, each stage as its own flow) with the
+    server at PREFECT_API_URL, creating the work pools first. Run it from the checkout workers use."""
+    import asyncio
+    import os
+
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail("deploy: set PREFECT_API_URL to a Prefect server (e.g. http://127.0.0.1:4200/api; "
+              "`prefect server start --host 127.0.0.1` starts one)", 2)
+    if not prefect_file.exists():
+        _fail(f"deploy: {prefect_file} not found (run from the repository root)", 2)
+    created = asyncio.run(_ensure_pools(pools))
+    if created:
+        console.print(f"created work pool(s): {', '.join(created)}")
+    prefect = Path(sys.executable).parent / "prefect"
+    done = subprocess.run([str(prefect), "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)],
+                          check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        _fail(f"prefect deploy failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    console.print(f"deployed {prefect_file}: `prefect deployment ls` lists them; start workers with "
+                  f"`prefect worker start --pool {pools[0]}`")
+
+
+async def _ensure_pools(names: list[str]) -> list[str]:
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    created = []
+    async with get_client() as client:
+        for name in names:
+            try:
+                await client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+                created.append(name)
+            except ObjectAlreadyExists:
+                pass
+    return created
 
 
 @app.command()

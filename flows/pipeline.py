@@ -96,7 +96,7 @@ def data_key(profile: Profile) -> str:
 
 def missing(ctx: Context, name: str, key: str) -> MissingInput:
     return MissingInput(f"--only {ctx.only}: input stage {name!r} has no cached output for this profile "
-                        f"(.r1flow/stages/{name}/{key}); run `r1flow run` or `r1flow run --from {name}` first")
+                        f"({stage_folder(ctx.workspace, name, key)}); run `r1flow run` (or `--only {name}`) first")
 
 
 @task(name="data", cache_policy=NO_CACHE)
@@ -237,11 +237,16 @@ def remote_stage(ctx: Context, step: Step, inputs: dict[str, Artifact]) -> dict:
     """Send a stage to the GPU work pool's deployment, wait for it, then read its keyed output
     (the workspace is shared storage) and the MLflow run it logged under this run."""
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
 
     started = time.time()
-    deployment = ctx.profile.runtime.gpu_deployment
-    run = run_deployment(deployment, timeout=None, flow_run_name=step.name, parameters={
-        **ctx.source, "stage": step.name, "parent_run": ctx.parent_run, "force": step.name in ctx.force})
+    deployment = ctx.profile.runtime.gpu_deployment.format(stage=step.name)
+    try:
+        run = run_deployment(deployment, timeout=None, flow_run_name=step.name, parameters={
+            **ctx.source, "stage": step.name, "parent_run": ctx.parent_run, "force": step.name in ctx.force})
+    except ObjectNotFound:
+        raise StageFailed(f"stage {step.name!r}: no Prefect deployment {deployment!r} on the server "
+                          "(runtime.gpu_deployment); `r1flow deploy` registers infra/prefect.yaml") from None
     if not run.state.is_completed():
         raise StageFailed(f"stage {step.name!r} on deployment {deployment!r} ended {run.state.name}: "
                           f"{run.state.message or 'see the Prefect UI'}")

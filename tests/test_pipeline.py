@@ -5,6 +5,15 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from pipeline_checks import (
+    EVALS,
+    REGISTERED,
+    STAGES,
+    check_registry,
+    check_report,
+    check_runs,
+    child_runs,
+)
 from transformers import AutoModelForCausalLM
 
 from components import versioning
@@ -12,9 +21,6 @@ from components.config import load_profile
 from components.validate import DataValidationError
 
 MICRO = str(Path(__file__).parents[1] / "configs" / "micro.yaml")
-STAGES = {"data", "base", "r1_zero", "cold_start", "r1_rl", "rejection_sampling", "r1", "student_base", "student"}
-EVALS = {f"eval_{m}" for m in ("base", "cold_start", "r1_zero", "r1_rl", "r1", "student")}
-REGISTERED = ["r1flow-cold-start", "r1flow-r1-zero", "r1flow-r1-rl", "r1flow-r1", "r1flow-student"]
 
 
 @pytest.fixture(scope="module")
@@ -30,49 +36,23 @@ pytestmark = pytest.mark.slow
 
 def test_parent_run_with_one_child_per_stage(first_run):
     _, summary = first_run
-    client = MlflowClient(summary["tracking_uri"])
-    parent = client.get_run(summary["run_id"])
-    assert parent.info.status == "FINISHED" and parent.data.tags["data_hash"] == summary["data_hash"]
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{summary['run_id']}'")
-    assert {c.info.run_name for c in children} == STAGES | EVALS
-    assert all(c.info.status == "FINISHED" for c in children)
-    grpo = next(c for c in children if c.info.run_name == "r1_zero")
-    assert len(client.get_metric_history(grpo.info.run_id, "reward")) >= 2  # a training curve
+    check_runs(summary)
+    grpo = child_runs(summary)["r1_zero"]
     assert grpo.data.params["r1_zero.beta"] == str(load_profile(MICRO).grpo.beta)  # params name the stage
-    evaluation = next(c for c in children if c.info.run_name == "eval_r1")
-    assert "pass_at_1" in evaluation.data.metrics
-    assert "samples.jsonl" in {a.path for a in client.list_artifacts(evaluation.info.run_id)}
-    assert set(summary["metrics"]) == {"base", "cold_start", "r1_zero", "r1_rl", "r1", "student"}
 
 
 def test_report_published_to_mlflow_and_prefect(first_run):
     from prefect.artifacts import Artifact
 
     _, summary = first_run
-    client = MlflowClient(summary["tracking_uri"])
-    report = {a.path for a in client.list_artifacts(summary["run_id"], "report")}
-    assert {f"report/{name}" for name in ("eval_table.md", "reward.png", "accuracy.png", "kl.png",
-                                          "completion_length.png")} <= report
+    check_report(summary)
     table = Artifact.get("r1flow-eval")
     assert table is not None and "| r1_zero |" in table.data and "| student |" in table.data
 
 
 def test_registered_versions_with_aliases_and_lineage(first_run):
     _, summary = first_run
-    client = MlflowClient(summary["tracking_uri"])
-    for name in REGISTERED:
-        champion = client.get_model_version_by_alias(name, "champion")
-        candidate = client.get_model_version_by_alias(name, "candidate")
-        assert str(champion.version) == str(candidate.version) == "1"
-        assert champion.tags["data_hash"] == summary["data_hash"]
-        assert {"config_hash", "code_version", "git_commit", "parent_model", "eval_run_id", "eval_key", "pass_at_1",
-                "stage_key", "format_rate", "data_validation", "training_health"} <= set(champion.tags)
-        assert champion.tags["promotion"] == "promoted to champion"
-        folder = Path(champion.source.removeprefix("file://"))
-        assert AutoModelForCausalLM.from_pretrained(folder).num_parameters() > 0
-    r1_rl = client.get_model_version_by_alias("r1flow-r1-rl", "champion")
-    assert r1_rl.tags["parent_model"] == "r1flow-cold-start/1"  # lineage names the parent's version
+    check_registry(summary)
 
 
 def test_every_saved_model_reloads(first_run):
@@ -137,14 +117,15 @@ def test_a_grpo_change_reruns_grpo_and_downstream_only_and_from_forces_a_stage_o
     assert not any(v["new"] for v in forced["versions"].values())  # no duplicate versions
 
 
-def test_only_runs_one_stage_on_cached_inputs_and_names_a_missing_one(first_run, tmp_path):
+def test_only_runs_one_stage_on_cached_inputs_and_names_a_missing_one(first_run):
     from flows.pipeline import MissingInput, stage_flow
 
     root, _ = first_run
     only = stage_flow(stage="cold_start", config=MICRO, overrides=["runtime.device=cpu"], root=str(root), force=True)
     assert only["stages"] == {"cold_start": False}
-    with pytest.raises(MissingInput, match="input stage 'cold_start' has no cached output"):
-        stage_flow(stage="r1_rl", config=MICRO, overrides=["runtime.device=cpu"], root=str(tmp_path))
+    with pytest.raises(MissingInput, match="input stage 'cold_start' has no cached output"):  # never trained so
+        stage_flow(stage="r1_rl", config=MICRO, overrides=["runtime.device=cpu", "cold_start.max_steps=7"],
+                   root=str(root))
 
 
 def test_a_regressed_model_stays_candidate_with_the_reason_logged(first_run):
@@ -188,3 +169,22 @@ def test_bad_traces_stop_the_flow_before_training_on_them(first_run):
                     root=str(root))
     assert len(list((root / ".r1flow" / "stages" / "r1").iterdir())) == r1_runs  # nothing trained
     assert client.get_model_version_by_alias("r1flow-r1", "champion").version == before
+
+
+def test_rerun_on_a_fresh_clone_restores_the_data_and_reproduces_every_metric(first_run, tmp_path):
+    import shutil
+
+    from flows.reproduce import rerun
+
+    root, summary = first_run
+    clone = tmp_path / "clone"  # only the DVC remote and the tracking store are shared with the original
+    shutil.copytree(root / ".r1flow" / "dvc-remote", clone / ".r1flow" / "dvc-remote")
+    reproduced, comparisons, _ = rerun(summary["run_id"], clone, summary["tracking_uri"])
+    data_key = child_runs(summary)["data"].data.tags["stage_key"]
+    for name in ("train", "validation", "test"):
+        original = root / ".r1flow" / "stages" / "data" / data_key / f"{name}.jsonl"
+        assert (clone / "data" / "prompts" / f"{name}.jsonl").read_bytes() == original.read_bytes()
+    assert not any(reproduced["stages"].values())  # nothing cached in the clone: everything ran again
+    assert len(comparisons) >= 30 and all(c.matches(0.0) for c in comparisons)  # exact on CPU
+    assert reproduced["data_hash"] == summary["data_hash"]  # the traces it made are byte-identical too
+    assert not any(v["new"] for v in reproduced["versions"].values())  # same stage keys: no duplicates

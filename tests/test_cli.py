@@ -1,0 +1,33 @@
+"""The CLI turns what a user can get wrong into one line and a non-zero exit, before any work."""
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.recipe import STAGES, downstream, upstream
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["run", "--from", "r2"], "unknown stage 'r2'"),
+    (["run", "--only", "base", "--from", "data"], "use --from or --only, not both"),
+    (["promote", "r1flow-r1"], "expected NAME/VERSION"),
+])
+def test_usage_errors_name_the_problem(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_deploy_needs_a_prefect_server(monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    result = runner.invoke(app, ["deploy"])
+    assert result.exit_code == 2 and "PREFECT_API_URL" in result.output
+
+
+def test_the_recipe_graph_knows_what_a_stage_reads_and_what_reads_it():
+    assert upstream("r1") == {"base", "rejection_sampling", "r1_rl", "cold_start", "data"}
+    assert downstream("cold_start") == {"r1_rl", "rejection_sampling", "r1", "student", "eval_cold_start",
+                                        "eval_r1_rl", "eval_r1", "eval_student"}
+    assert downstream("eval_r1") == set() and upstream("base") == set()
+    assert STAGES[0] == "data" and len(STAGES) == len(set(STAGES)) == 15
