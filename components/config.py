@@ -206,10 +206,14 @@ class Profile(Section):
     def _check_profile(self) -> Profile:
         if "{question}" not in self.prompt_template:
             raise ValueError("prompt_template must contain {question}")
+        sections = {"cold_start": "SFTConfig", "sft": "SFTConfig", "distill": "SFTConfig", "grpo": "GRPOConfig"}
+        passed = {name: cls for name, cls in sections.items() if getattr(self, name).trl_args}
+        if not passed:
+            return self  # importing TRL (and torch) takes seconds; only trl_args need it
         import trl
 
-        for section, cls in (("cold_start", trl.SFTConfig), ("sft", trl.SFTConfig),
-                             ("distill", trl.SFTConfig), ("grpo", trl.GRPOConfig)):
+        for section, name in passed.items():
+            cls = getattr(trl, name)
             known = {f.name for f in dataclasses.fields(cls)}
             for key in getattr(self, section).trl_args:
                 if key not in known:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
@@ -18,10 +20,10 @@ from components.benchmarks import load_jsonl
 from components.config import SFTConfig, TrainConfig
 from components.modeling import load_model, load_tokenizer, pick_device, render_prompt
 from components.stage_io import (
-    AtomicCheckpoints,
     MetricsLog,
     StageSpec,
     checkpoint_step,
+    keep_checkpoint,
     parse_spec,
     resume_from,
     seed_everything,
@@ -43,9 +45,30 @@ def trl_arguments(cfg: TrainConfig, spec: StageSpec, device: str) -> dict:
     }
 
 
+class TrainerLog(MetricsLog, TrainerCallback):
+    """The stage's metrics log, fed with every step the Trainer logs."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        numbers = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+        self.write(state.global_step, **numbers)
+
+
+class AtomicCheckpoints(TrainerCallback):
+    """Moves each checkpoint the Trainer has finished writing into the stage's checkpoint folder."""
+
+    def __init__(self, folder: Path, metrics: Path):
+        self.folder, self.metrics = folder, metrics
+
+    def on_save(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank's shard is written before the move
+        if state.is_world_process_zero:
+            keep_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.folder, self.metrics)
+
+
 def callbacks(spec: StageSpec) -> list:
     """The metrics log, and atomic checkpoints when the stage keeps them."""
-    log = MetricsLog(spec.output / "metrics.jsonl")
+    log = TrainerLog(spec.output / "metrics.jsonl")
     return [log, AtomicCheckpoints(spec.checkpoints, log.path)] if spec.checkpoints else [log]
 
 

@@ -18,10 +18,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-from transformers import TrainerCallback
-
 
 @dataclass
 class StageSpec:
@@ -65,6 +61,9 @@ def die_with_parent() -> None:
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np  # here, not at the top: the flow imports this module and needs neither
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -74,8 +73,8 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-class MetricsLog(TrainerCallback):
-    """Appends every logged step to ``metrics.jsonl``; used directly and as a Trainer callback."""
+class MetricsLog:
+    """Appends every logged step to ``metrics.jsonl`` (``components.sft.TrainerLog`` feeds it from a Trainer)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -84,10 +83,6 @@ class MetricsLog(TrainerCallback):
         if is_main_process():
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        numbers = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
-        self.write(state.global_step, **numbers)
 
 
 def latest_checkpoint(folder: Path | None) -> Path | None:
@@ -124,19 +119,6 @@ def resume_from(folder: Path | None, metrics: Path) -> Path | None:
 
 def checkpoint_step(checkpoint: Path | None) -> int:
     return int(checkpoint.name.removeprefix("checkpoint-")) if checkpoint else 0
-
-
-class AtomicCheckpoints(TrainerCallback):
-    """Moves each checkpoint the Trainer has finished writing into the stage's checkpoint folder."""
-
-    def __init__(self, folder: Path, metrics: Path):
-        self.folder, self.metrics = folder, metrics
-
-    def on_save(self, args, state, control, **kwargs):
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()  # every rank's shard is written before the move
-        if state.is_world_process_zero:
-            keep_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.folder, self.metrics)
 
 
 def write_result(output: Path, result: dict) -> None:

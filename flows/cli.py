@@ -69,13 +69,13 @@ def _fail(message: str, code: int = 1) -> None:
 
 @contextmanager
 def _reported(what: str):
-    """The errors a user can act on, as one message and exit 1 instead of a traceback."""
-    from components.validate import DataValidationError
+    """The errors a user can act on, as one message and exit 1 instead of a traceback (a failed
+    data validation is a ValueError)."""
     from flows.stages import StageFailed
 
     try:
         yield
-    except (StageFailed, DataValidationError, FileNotFoundError, ValueError) as error:
+    except (StageFailed, FileNotFoundError, ValueError) as error:
         _fail(f"{what} failed: {error}")
 
 
