@@ -19,6 +19,9 @@ def configure(workspace: Path) -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_LOG_PRINTS": "true",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        # `mlflow server`/`ui` would start seven job-runner processes (GenAI jobs, trace rollups)
+        # that r1flow never uses: on 2 cores they slow the server's start and stop to minutes.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "DVC_NO_ANALYTICS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }

@@ -43,5 +43,5 @@ def test_ui_starts_mlflow_and_prefect_on_loopback(tmp_path):
         assert _wait_for(f"http://127.0.0.1:{prefect_port}/api/health", 120) == 200
     finally:
         process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=60)
+        output, _ = process.communicate(timeout=120)
     assert f"http://127.0.0.1:{mlflow_port}" in output and f"http://127.0.0.1:{prefect_port}" in output
