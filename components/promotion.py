@@ -57,24 +57,34 @@ def gate_checks(candidate: dict, champion: dict | None, gate: PromotionConfig) -
     ``candidate`` and ``champion`` are version tags: ``pass_at_1``, ``format_rate``, ``eval_key``,
     ``data_validation`` and ``training_health`` (``ok`` or the problems found).
     """
-    score, fmt = float(candidate["pass_at_1"]), float(candidate["format_rate"])
+    score, fmt = _number(candidate, "pass_at_1"), _number(candidate, "format_rate")
+    best = _number(champion, "pass_at_1") if champion is not None else None
     if champion is None:
-        beats = Check("primary metric", True, f"pass@1 {score:.3f}; no champion yet")
-    elif champion.get("eval_key") != candidate.get("eval_key"):
+        beats = Check("primary metric", score is not None, f"pass@1 {_shown(score)}; no champion yet")
+    elif champion.get("eval_key") != candidate.get("eval_key") or best is None or score is None:
         beats = Check("primary metric", False, "the champion was evaluated under another protocol or test set; "
                       "compare by hand (r1flow promote)")
     else:
-        best = float(champion["pass_at_1"])
         beats = Check("primary metric", score >= best + gate.margin,
                       f"pass@1 {score:.3f} vs champion {best:.3f} (needs +{gate.margin:.3f})")
     health = candidate.get("training_health", "")
     return [
         beats,
-        Check("format rate", fmt >= gate.min_format_rate, f"{fmt:.3f} (needs {gate.min_format_rate:.3f})"),
+        Check("format rate", fmt is not None and fmt >= gate.min_format_rate,
+              f"{_shown(fmt)} (needs {gate.min_format_rate:.3f})"),
         Check("data validation", candidate.get("data_validation") == "passed",
               f"Great Expectations: {candidate.get('data_validation', 'not recorded')}"),
         Check("training health", health == "ok", health or "not recorded"),
     ]
+
+
+def _number(tags: dict, key: str) -> float | None:
+    """A score from version tags; None when the version predates the tag (a check then fails)."""
+    return float(tags[key]) if key in tags else None
+
+
+def _shown(value: float | None) -> str:
+    return "not recorded" if value is None else f"{value:.3f}"
 
 
 def verdict(checks: list[Check]) -> str:

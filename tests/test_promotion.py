@@ -28,6 +28,8 @@ def test_a_regressed_or_unhealthy_model_stays_candidate_with_the_reason():
     assert failed({**GOOD, "data_validation": "failed"}) == {"data validation"}
     assert failed({**GOOD, "training_health": "non-finite loss at step 3"}) == {"training health"}
     assert failed({**GOOD, "eval_key": "other"}) == {"primary metric"}  # scores not comparable
+    older = {k: v for k, v in GOOD.items() if k not in ("format_rate", "training_health")}
+    assert failed(older) == {"format rate", "training health"}  # a version from before the gates
     reason = verdict(gate_checks({**GOOD, "pass_at_1": "0.45"}, CHAMPION, GATE))
     assert reason.startswith("kept as candidate: primary metric: pass@1 0.450 vs champion 0.500")
 
