@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -226,10 +227,14 @@ async def _ensure_pools(names: list[str]) -> list[str]:
 @app.command()
 def ui(config: Path | None = ConfigOption, mlflow_port: int = 5000, prefect_port: int = 4200,
        host: str = typer.Option("127.0.0.1", help="bind address (loopback unless you mean it)")) -> None:
-    """Start the MLflow and Prefect UIs over this workspace's stores; Ctrl-C stops both."""
+    """Start the MLflow and Prefect UIs over this workspace's stores; Ctrl-C (or SIGTERM) stops both."""
     _, profile = _profile(config, None)
     configure(profile.workspace)
     from components.tracking import default_uri
+
+    # Even when started with SIGINT ignored (`nohup`, `&` in a script), Ctrl-C and SIGTERM stop it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     uri = profile.tracking.tracking_uri or default_uri(profile.workspace)
     bin_dir = Path(sys.executable).parent
@@ -248,7 +253,11 @@ def ui(config: Path | None = ConfigOption, mlflow_port: int = 5000, prefect_port
     finally:
         for server in servers:
             server.terminate()
-            server.wait(timeout=30)
+        for server in servers:
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
 
 
 if __name__ == "__main__":

@@ -42,6 +42,10 @@ def test_ui_starts_mlflow_and_prefect_on_loopback(tmp_path):
         assert _wait_for(f"http://127.0.0.1:{mlflow_port}/health", 120) == 200
         assert _wait_for(f"http://127.0.0.1:{prefect_port}/api/health", 120) == 200
     finally:
-        process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=120)
+        process.send_signal(signal.SIGINT)  # works even where pytest runs with SIGINT ignored (nohup, `&`)
+        try:
+            output, _ = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # leave no server behind, then fail
+            raise
     assert f"http://127.0.0.1:{mlflow_port}" in output and f"http://127.0.0.1:{prefect_port}" in output
