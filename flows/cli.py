@@ -119,7 +119,7 @@ def print_summary(summary: dict, seconds: float) -> None:
 @app.command()
 def rerun(run_id: str, config: Path | None = ConfigOption,
           tolerance: float = typer.Option(0.0, help="largest metric difference that still counts as reproduced; "
-                                          "0 on CPU (same seeds, same kernels), e.g. 0.02 across GPUs"),
+                                          "0 on CPU (same seeds, same kernels), e.g. 0.03 across GPUs"),
           tracking_uri: str | None = typer.Option(None, help="MLflow store holding the run (default: the profile's)")) -> None:
     """Reproduce a past pipeline run: its config, its DVC data version, then compare every eval metric."""
     _, profile = _profile(config, None)
@@ -176,7 +176,8 @@ def promote(version: str = typer.Argument(..., help="a registered version, NAME/
     for check in checks:
         table.add_row(check.name, "yes" if check.passed else "[red]no", check.detail)
     console.print(table)
-    console.print(verdict(checks).replace("promoted to champion", "every gate passes"))
+    failed = [c.name for c in checks if not c.passed]
+    console.print(f"gates failed: {', '.join(failed)}" if failed else "every gate passes")
     if not yes and not typer.confirm(f"Move champion of {name} to v{number}?", default=False):
         raise typer.Exit(1)
     tracker.set_alias(name, "champion", number)

@@ -20,7 +20,7 @@ def configure(workspace: Path) -> None:
         "PREFECT_LOGGING_LOG_PRINTS": "true",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         # `mlflow server`/`ui` would start seven job-runner processes (GenAI jobs, trace rollups)
-        # that r1flow never uses: on 2 cores they slow the server's start and stop to minutes.
+        # that r1flow never uses: on 2 cores they slowed `r1flow ui`'s start and stop (its test timed out).
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "DVC_NO_ANALYTICS": "1",
         "TOKENIZERS_PARALLELISM": "false",

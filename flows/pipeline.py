@@ -76,6 +76,7 @@ class Context:
     only: str | None = None  # run this stage alone, on cached inputs (--only, stage flows)
     dispatch: bool = True  # send GPU stages to runtime.gpu_deployment (not from inside a stage flow)
     restored: Path | None = None  # rerun: datasets restored from DVC stand in for generating them
+    commit: dict = field(default_factory=dict)  # git commit of the code, read once per run
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -154,9 +155,9 @@ def restore_datasets(data_dir: Path, out: Path) -> None:
 
 def _validate(ctx: Context, run_id: str, folder: Path, kinds: dict[str, str]) -> None:
     """Great Expectations suites at a stage boundary; a failure raises before anything trains."""
-    from components.validate import (
-        validate_file,  # GX takes seconds to import: only when validating
-    )
+    # Great Expectations takes seconds to import: only when something is validated.
+    from components.validate import validate_file
+
     for name, kind in kinds.items():
         path = folder / f"{name}.jsonl"
         if name == "validation" and not path.read_text().strip():
@@ -314,7 +315,7 @@ def register(ctx: Context, outputs: dict[str, dict], data_hash: str) -> dict[str
             problems = training_health(read_metrics(Path(out["dir"]) / "metrics.jsonl"), profile.promotion)
             tags = {
                 "stage_key": out["key"], "config_hash": content_hash(profile)[:16], "code_version": out["code_version"],
-                **code_commit(), "data_hash": data_hash, "eval_run_id": evaluation["run_id"], "eval_key": eval_key,
+                **ctx.commit, "data_hash": data_hash, "eval_run_id": evaluation["run_id"], "eval_key": eval_key,
                 "parent_model": registered[parent]["ref"] if parent in registered
                 else f"{parent} (stage {outputs[parent]['key']})",
                 PRIMARY_METRIC: metrics["pass@1"], "format_rate": metrics["format_rate"],
@@ -371,15 +372,15 @@ def run_recipe(config: str | None, overrides: list[str] | None, root: str, force
     workspace.mkdir(parents=True, exist_ok=True)
     tracking = profile.tracking
     tracker = Tracker(tracking.tracking_uri or default_uri(workspace), tracking.experiment, workspace / "mlartifacts")
-    own_run = parent_run is None
+    own_run, commit = parent_run is None, code_commit()
     if own_run:
         parent_run = tracker.start_run(profile.name + (f" (only {only})" if only else ""), tags={
-            "profile": profile.name, "config_hash": content_hash(profile)[:16], **code_commit(), **(tags or {})})
+            "profile": profile.name, "config_hash": content_hash(profile)[:16], **commit, **(tags or {})})
         tracker.log_params(parent_run, profile.model_dump(mode="json"))
         tracker.log_dict(parent_run, profile.model_dump(mode="json"), "profile.json")  # what `r1flow rerun` reads
     source = {"config": config, "overrides": list(overrides or []), "root": str(root_path)}
     ctx = Context(profile, root_path, workspace, tracker, parent_run, source, force=force, only=only,
-                  dispatch=only is None, restored=restored)
+                  dispatch=only is None, restored=restored, commit=commit)
     try:
         summary = _recipe(ctx)
     except BaseException:
