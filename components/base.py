@@ -54,8 +54,8 @@ def pretraining_corpus(cfg: ModelConfig, seed: int, template: str, tokenizer) ->
         if held_out(a, b):
             continue
         thought = addition_work(a, b) if rng.random() < cfg.reasoning_share else ""
-        completion = r1_completion(thought, str(a + b)) if thought else f"<think>\n</think>\n<answer>{a + b}</answer>"
-        pairs.append((render_prompt(tokenizer, addition_question(a, b), template), completion + tokenizer.eos_token))
+        pairs.append((render_prompt(tokenizer, addition_question(a, b), template),
+                      r1_completion(thought, str(a + b)) + tokenizer.eos_token))
     return pairs
 
 

@@ -9,6 +9,7 @@ benchmark scores measure reasoning rather than recall.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -23,11 +24,12 @@ _PUNCT = re.compile(r"[^\w\s]")
 
 
 def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (1-based line number, object) for each non-blank line of a JSONL file."""
+    """Yield (1-based line number, object) for each non-blank line of a JSONL file (or .jsonl.gz)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as fh:
+    # Public sources ship gzipped (sources/*.jsonl.gz); the content is the same either way.
+    with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -91,6 +93,11 @@ def boxed_answer(text: str) -> str | None:
     return None  # unbalanced
 
 
+def _stem(path: Path) -> str:
+    """``test`` for test.jsonl and test.jsonl.gz alike: ids do not depend on the compression."""
+    return path.name.split(".")[0]
+
+
 def _field(row: dict, name: str, path: Path, lineno: int) -> Any:
     if row.get(name) is None:
         raise ValueError(f"{path}, line {lineno}: missing required field {name!r}")
@@ -116,7 +123,7 @@ def import_gsm8k(path: Path, limit: int | None = None) -> list[dict]:
             raise ValueError(f"{path}, line {lineno}: field 'answer' has no '#### N' final answer")
         records.append(
             {
-                "id": f"gsm8k-{path.stem}-{lineno - 1}",
+                "id": f"gsm8k-{_stem(path)}-{lineno - 1}",
                 "task": "gsm8k",
                 "question": question.strip(),
                 "answer": final.strip().replace(",", ""),
@@ -147,7 +154,7 @@ def import_math(path: Path, limit: int | None = None) -> list[dict]:
                 raise ValueError(
                     f"{path}, line {lineno}: no 'answer' field and no \\boxed{{}} in 'solution'"
                 )
-        key = row.get("unique_id", row.get("idx", f"{path.stem}-{lineno - 1}"))
+        key = row.get("unique_id", row.get("idx", f"{_stem(path)}-{lineno - 1}"))
         record = {
             "id": f"math-{key}",
             "task": "math",
@@ -185,7 +192,7 @@ def import_countdown(path: Path, limit: int | None = None) -> list[dict]:
             raise ValueError(f"{path}, line {lineno}: bad countdown input/output ({exc})") from exc
         records.append(
             {
-                "id": f"countdown-{path.stem}-{lineno - 1}",
+                "id": f"countdown-{_stem(path)}-{lineno - 1}",
                 "task": "countdown",
                 "question": countdown_question(numbers, target),
                 "answer": target,

@@ -107,6 +107,8 @@ class GRPOConfig(TrainConfig):
     top_p: float = Field(1.0, gt=0, le=1)
     beta: float = Field(0.001, ge=0, description="KL coefficient (R1: 0.001); 0 drops the KL term and curve")
     epsilon: float = Field(0.2, gt=0, description="PPO clip range")
+    heldout_every: int = Field(25, ge=0, description="pass@1 on the held-out validation prompts every N steps "
+                               "(0: never)")
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     rewards: dict[str, float] = Field(
@@ -189,6 +191,8 @@ class Profile(Section):
     workspace: Path = Field(Path(".r1flow"), description="generated state: stages, MLflow, Prefect, DVC remote")
     data_dir: Path = Field(Path("data"), description="datasets versioned by DVC (data.dvc beside it)")
     prompt_template: str = Field("{question}", description="what the user turn says; must contain {question}")
+    stages: list[str] | None = Field(
+        None, description="run only these stages and what they need (e.g. [eval_base, eval_r1_zero]); none: all")
     data: DataConfig = DataConfig()
     base: ModelConfig = ModelConfig()
     student: ModelConfig = ModelConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128)

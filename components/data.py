@@ -54,8 +54,9 @@ def addition_work(a: int, b: int) -> str:
 
 
 def r1_completion(thought: str, answer: str) -> str:
-    """A completion in R1's output format."""
-    return f"<think>\n{thought}\n</think>\n<answer>{answer}</answer>"
+    """A completion in R1's output format (an empty thought: a direct answer)."""
+    return f"<think>\n{thought}\n</think>\n<answer>{answer}</answer>" if thought else \
+        f"<think>\n</think>\n<answer>{answer}</answer>"
 
 
 def addition_question(a: int, b: int) -> str:

@@ -2,21 +2,34 @@
 
     python -m components.grpo --spec SPEC.json
 
-Inputs: ``inputs.model`` (a model folder) and ``inputs.data`` (training prompts jsonl). Rewards
-are the pure functions of ``components.rewards``, weighted as the profile says.
+Inputs: ``inputs.model`` (a model folder), ``inputs.data`` (training prompts jsonl) and, optionally,
+``inputs.heldout`` (prompts never trained on: pass@1 on them every ``heldout_every`` steps is the
+curve of R1's figure 2). Rewards are the pure functions of ``components.rewards``, weighted as the
+profile says.
 """
 
 from __future__ import annotations
 
+from statistics import mean
+
+import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 from trl import GRPOConfig as TRLGRPOConfig
 from trl import GRPOTrainer
 
 from components.benchmarks import load_jsonl
 from components.config import GRPOConfig
 from components.modeling import load_model, load_tokenizer, pick_device, render_prompt
-from components.rewards import REWARDS
-from components.sft import callbacks, loss_summary, save_trained, train_resumable, trl_arguments
+from components.rewards import REWARDS, accuracy_reward
+from components.sft import (
+    TrainerLog,
+    callbacks,
+    loss_summary,
+    save_trained,
+    train_resumable,
+    trl_arguments,
+)
 from components.stage_io import StageSpec, parse_spec, seed_everything, write_result
 
 
@@ -28,6 +41,50 @@ def prompt_dataset(records: list[dict], tokenizer, template: str) -> Dataset:
         for row, record in zip(rows, records):
             row["numbers"] = record.get("numbers", [])
     return Dataset.from_list(rows)
+
+
+class HeldOutPass(TrainerCallback):
+    """pass@1 (one sample at T=0.6, top-p 0.95: R1's protocol) and mean completion length on
+    held-out prompts, at step 0 and every ``every`` steps, logged as ``heldout/*`` metrics.
+
+    Sampling runs on a forked RNG, so training draws the same random numbers with or without it.
+    """
+
+    def __init__(self, records: list[dict], tokenizer, template: str, every: int, max_new_tokens: int, seed: int,
+                 log: TrainerLog):
+        self.records, self.tokenizer, self.every, self.seed, self.log = records, tokenizer, every, seed, log
+        self.prompts = [render_prompt(tokenizer, r["question"], template) for r in records]
+        self.max_new_tokens = max_new_tokens
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.measure(model, state.global_step)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:  # not on resume: step 0 was measured by the first attempt
+            self.measure(model, 0)
+
+    def measure(self, model, step: int) -> None:
+        was_training = model.training
+        model.eval()
+        texts, lengths = [], []
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            torch.manual_seed(self.seed)
+            for start in range(0, len(self.prompts), 64):
+                batch = self.tokenizer(self.prompts[start : start + 64], return_tensors="pt", padding=True,
+                                       add_special_tokens=False).to(model.device)
+                new = model.generate(**batch, do_sample=True, temperature=0.6, top_p=0.95, top_k=0,
+                                     max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                     eos_token_id=self.tokenizer.eos_token_id)[:, batch["input_ids"].shape[1] :]
+                for row in new:
+                    ids = [i for i in row.tolist() if i != self.tokenizer.pad_token_id]
+                    texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+                    lengths.append(len(ids))
+        model.train(was_training)
+        correct = accuracy_reward(texts, [r["answer"] for r in self.records], [r["task"] for r in self.records],
+                                  numbers=[r.get("numbers") for r in self.records])
+        self.log.write(step, **{"heldout/pass@1": mean(c or 0.0 for c in correct),
+                                "heldout/mean_length": mean(lengths)})
 
 
 def run(spec: StageSpec) -> dict:
@@ -49,6 +106,11 @@ def run(spec: StageSpec) -> dict:
         train_dataset=prompt_dataset(load_jsonl(spec.inputs["data"]), tokenizer, spec.prompt_template),
         callbacks=callbacks(spec),
     )
+    heldout = load_jsonl(spec.inputs["heldout"]) if spec.inputs.get("heldout") else []
+    if heldout and cfg.heldout_every:
+        log = next(c for c in trainer.callback_handler.callbacks if isinstance(c, TrainerLog))
+        trainer.add_callback(HeldOutPass(heldout, tokenizer, spec.prompt_template, cfg.heldout_every,
+                                         cfg.max_completion_length, spec.seed, log))
     resumed = train_resumable(trainer, spec)
     history = trainer.state.log_history
     result = {**save_trained(trainer, tokenizer, spec.output / "model"), "steps": trainer.state.global_step,

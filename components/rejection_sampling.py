@@ -3,7 +3,9 @@
     python -m components.rejection_sampling --spec SPEC.json
 
 Inputs: ``inputs.model`` (the R1 RL checkpoint) and ``inputs.data`` (training prompts). Writes
-``train.jsonl`` (an SFT dataset of R1-format traces) and acceptance statistics in ``result.json``.
+``train.jsonl`` (an SFT dataset of R1-format traces), ``answers.jsonl`` (the same prompts and
+verified answers with the reasoning left out: distillation's control) and acceptance statistics in
+``result.json``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import json
 
 from components.benchmarks import load_jsonl, write_jsonl
 from components.config import RejectionSamplingConfig
+from components.data import r1_completion
 from components.generation import Sampling, generate
 from components.modeling import load_tokenizer, render_prompt
-from components.rewards import accuracy_reward, format_reward, language_reward
+from components.rewards import accuracy_reward, extract_answer, format_reward, language_reward
 from components.stage_io import StageSpec, parse_spec, seed_everything, write_result
 
 
@@ -64,6 +67,8 @@ def run(spec: StageSpec) -> dict:
         prompts_kept += bool(kept)
         totals = {k: totals[k] + reasons[k] for k in totals}
     write_jsonl(spec.output / "train.jsonl", traces)
+    write_jsonl(spec.output / "answers.jsonl", [{**t, "completion": r1_completion("", extract_answer(t["completion"]))}
+                                                for t in traces])
     sampled = len(records) * cfg.k
     result = {"prompts": len(records), "samples": sampled, "accepted": len(traces),
               "acceptance_rate": len(traces) / sampled if sampled else 0.0,

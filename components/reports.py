@@ -21,6 +21,8 @@ CURVES = {
     "accuracy": ("rewards/accuracy_reward/mean", "accuracy reward (share correct)"),
     "kl": ("kl", "KL to the reference policy"),
     "completion_length": ("completions/mean_length", "mean completion length (tokens)"),
+    "heldout_pass": ("heldout/pass@1", "pass@1 on held-out prompts"),
+    "heldout_length": ("heldout/mean_length", "mean completion length on held-out prompts (tokens)"),
 }
 COLUMNS = ["pass@1", "cons@{k}", "greedy_accuracy", "format_rate", "language_consistency", "mean_length"]
 

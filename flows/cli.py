@@ -1,6 +1,7 @@
 """The ``r1flow`` command: run the pipeline, open the UIs.
 
     r1flow run [--config FILE] [--set key=value ...] [--from STAGE | --only STAGE]
+    r1flow eval MODEL --benchmark gsm8k|math500|countdown [--limit N]
     r1flow ui
 """
 
@@ -110,10 +111,36 @@ def print_summary(summary: dict, seconds: float) -> None:
         table.add_row(role, *(f"{values[k]:.3f}" if isinstance(values[k], float) else str(values[k]) for k in keys),
                       registered)
     console.print(table)
-    rs = summary["rejection_sampling"]
-    console.print(f"rejection sampling kept {rs['accepted']}/{rs['samples']} samples "
-                  f"({rs['acceptance_rate']:.1%}); data version {summary['data_hash']}")
+    if rs := summary.get("rejection_sampling"):
+        console.print(f"rejection sampling kept {rs['accepted']}/{rs['samples']} samples "
+                      f"({rs['acceptance_rate']:.1%})")
+    console.print(f"data version {summary['data_hash']}")
     console.print(f"MLflow: {summary['tracking_uri']} (run {summary['run_id']}); `r1flow ui` to browse")
+
+
+@app.command("eval")
+def evaluate(model: str = typer.Argument(..., help="a registered NAME/VERSION or NAME@ALIAS, or a Hugging Face folder"),
+             benchmark: str = typer.Option(..., "--benchmark", "-b", help="gsm8k, math500 or countdown"),
+             limit: int | None = typer.Option(None, "--limit", help="the first N problems only", min=1),
+             config: Path | None = ConfigOption, overrides: list[str] | None = SetOption) -> None:
+    """Evaluate a model on a public benchmark with R1's protocol (the profile's `evaluate` settings)."""
+    _, profile = _profile(config, overrides)
+    configure(profile.workspace)
+    from flows.benchmark import BENCHMARKS, evaluate_benchmark
+
+    if benchmark not in BENCHMARKS:
+        _fail(f"unknown benchmark {benchmark!r}; choose from {', '.join(BENCHMARKS)}", 2)
+    with _reported("eval"):
+        result = evaluate_benchmark(model=model, benchmark=benchmark, config=str(config) if config else None,
+                                    overrides=overrides or [], limit=limit)
+    table = Table(title=f"{model} on {benchmark} ({result['seconds'] / 60:.1f} min"
+                  f"{', cached' if result['cached'] else ''})")
+    for key in result["metrics"]:
+        table.add_column(SHORT.get(key, key), justify="right")
+    table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in result["metrics"].values()))
+    console.print(table)
+    console.print(f"per-sample records: {result['samples']}")
+    console.print(f"MLflow: {result['tracking_uri']} (run {result['run_id']})")
 
 
 @app.command()

@@ -280,9 +280,12 @@ def validate_output(ctx: Context, out: dict, suite: str) -> None:
 
 @task(name="version-data", cache_policy=NO_CACHE)
 def version_data(ctx: Context, datasets: dict[str, Artifact]) -> str:
-    """Copy this run's datasets into ``data/``, ``dvc add`` and push; return the DVC hash."""
+    """Copy this run's datasets into ``data/`` (imported benchmarks stay), ``dvc add`` and push;
+    return the DVC hash."""
     staging = ctx.data_dir.parent / f".{ctx.data_dir.name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
+    if (ctx.data_dir / "benchmarks").is_dir():  # `r1flow eval`'s imports
+        shutil.copytree(ctx.data_dir / "benchmarks", staging / "benchmarks")
     for relative, artifact in datasets.items():
         (staging / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(artifact.path, staging / relative)
@@ -303,7 +306,7 @@ def register(ctx: Context, outputs: dict[str, dict], data_hash: str) -> dict[str
     profile, tracker = ctx.profile, ctx.tracker
     eval_key = content_hash(profile.evaluate, artifact(outputs, "data/test").key)[:16]  # scores compare only here
     registered, decisions = {}, []
-    for role in REGISTERED:  # parents before children: a child's lineage names its parent's version
+    for role in (r for r in REGISTERED if f"eval_{r}" in outputs):  # parents first: lineage names their version
         out, evaluation = outputs[role], outputs[f"eval_{role}"]
         name = f"{profile.tracking.registry_prefix}-{role.replace('_', '-')}"
         existing = tracker.client.search_model_versions(f"name = '{name}' and tags.stage_key = '{out['key']}'")
@@ -408,7 +411,7 @@ def code_commit() -> dict:
 def _recipe(ctx: Context) -> dict:
     """Every stage of ``RECIPE`` in order (under --only: its inputs looked up, then it alone),
     then data versioning, registration and the report."""
-    wanted = {ctx.only, *upstream(ctx.only)} if ctx.only else set(STAGES)
+    wanted = {ctx.only, *upstream(ctx.only)} if ctx.only else selected(ctx.profile)
     outputs = {"data": value(prepare_data(ctx))}
     for step in RECIPE:
         if step.name not in wanted:
@@ -424,21 +427,29 @@ def _recipe(ctx: Context) -> dict:
     if ctx.only:
         return {"stages": ran, "result": outputs[ctx.only].get("result", {})}
 
-    data_hash = version_data(ctx, {relative: artifact(outputs, ref) for relative, ref in VERSIONED.items()})
+    data_hash = version_data(ctx, {relative: artifact(outputs, ref) for relative, ref in VERSIONED.items()
+                                   if ref.split("/")[0] in outputs})
     versions = register(ctx, outputs, data_hash)
-    _report(ctx, outputs, versions)
-    table = {role: outputs[f"eval_{role}"]["result"]["metrics"] for role in EVALUATED}
+    table = _report(ctx, outputs, versions)
     return {"data_hash": data_hash, "metrics": table, "versions": versions, "stages": ran,
-            "rejection_sampling": outputs["rejection_sampling"]["result"]}
+            **{name: outputs[name]["result"] for name in ("rejection_sampling",) if name in outputs}}
 
 
-def _report(ctx: Context, outputs: dict[str, dict], versions: dict[str, dict]) -> None:
+def selected(profile: Profile) -> set[str]:
+    """The profile's ``stages`` and everything they need; all stages when it names none."""
+    if profile.stages is None:
+        return set(STAGES)
+    return {"data"}.union(*({check_stage(name), *upstream(name)} for name in profile.stages))
+
+
+def _report(ctx: Context, outputs: dict[str, dict], versions: dict[str, dict]) -> dict[str, dict]:
     """The eval table across the lineage and the GRPO training curves: a Prefect markdown
-    artifact, and files on the MLflow parent run (``report/``)."""
-    table = {role: outputs[f"eval_{role}"]["result"]["metrics"] for role in EVALUATED}
+    artifact, and files on the MLflow parent run (``report/``). Returns the table."""
+    table = {role: outputs[f"eval_{role}"]["result"]["metrics"] for role in EVALUATED if f"eval_{role}" in outputs}
     folder = ctx.workspace / "reports" / ctx.parent_run
     markdown = eval_table(table, versions, ctx.profile.evaluate.k)
-    curves = {name: read_metrics(Path(outputs[name]["dir"]) / "metrics.jsonl") for name in ("r1_zero", "r1_rl")}
+    curves = {name: read_metrics(Path(outputs[name]["dir"]) / "metrics.jsonl") for name in ("r1_zero", "r1_rl")
+              if name in outputs}
     plots = plot_curves(curves, folder)
     (folder / "eval_table.md").write_text(markdown + "\n")
     ctx.tracker.log_artifact(ctx.parent_run, folder, "report")
@@ -447,3 +458,4 @@ def _report(ctx: Context, outputs: dict[str, dict], versions: dict[str, dict]) -
                              key="r1flow-eval", description="evaluation across the lineage")
     ctx.tracker.log_metrics(ctx.parent_run, {f"{role}.{metric_name(k)}": v for role, m in table.items()
                                              for k, v in m.items()})
+    return table

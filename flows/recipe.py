@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-EVALUATED = ("base", "cold_start", "r1_zero", "r1_rl", "r1", "student")
+EVALUATED = ("base", "cold_start", "r1_zero", "r1_rl", "r1", "student", "student_no_traces")
 REGISTERED = ("cold_start", "r1_zero", "r1_rl", "r1", "student")
 
 
@@ -26,16 +26,19 @@ class Step:
 RECIPE = (
     Step("base", "base", "base"),
     # R1-Zero: GRPO straight from the base, rule rewards only.
-    Step("r1_zero", "grpo", "grpo", {"model": "base", "data": "data/train"}),
+    Step("r1_zero", "grpo", "grpo", {"model": "base", "data": "data/train", "heldout": "data/validation"}),
     # R1: a little cold-start SFT, the same RL, rejection sampling, then SFT of the base on the traces.
     Step("cold_start", "sft", "cold_start", {"model": "base", "data": "data/cold_start"}),
-    Step("r1_rl", "grpo", "grpo", {"model": "cold_start", "data": "data/train"}),
+    Step("r1_rl", "grpo", "grpo", {"model": "cold_start", "data": "data/train", "heldout": "data/validation"}),
     Step("rejection_sampling", "rejection_sampling", "rejection_sampling", {"model": "r1_rl", "data": "data/train"},
          validate="rejection_sampled"),
     Step("r1", "sft", "sft", {"model": "base", "data": "rejection_sampling/train"}),
     # Distillation: plain SFT of a smaller student on the same traces.
     Step("student_base", "base", "student"),
     Step("student", "sft", "distill", {"model": "student_base", "data": "rejection_sampling/train"}),
+    # The control: the same student, steps and prompts, trained on the verified answers without
+    # the reasoning. What the student gains over it is what the traces taught.
+    Step("student_no_traces", "sft", "distill", {"model": "student_base", "data": "rejection_sampling/answers"}),
     # Every model on the held-out test prompts, R1's protocol.
     *(Step(f"eval_{model}", "evaluate", "evaluate", {"model": model, "data": "data/test"}) for model in EVALUATED),
 )

@@ -7,8 +7,10 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
-STAGES = {"data", "base", "r1_zero", "cold_start", "r1_rl", "rejection_sampling", "r1", "student_base", "student"}
-EVALS = {f"eval_{m}" for m in ("base", "cold_start", "r1_zero", "r1_rl", "r1", "student")}
+STAGES = {"data", "base", "r1_zero", "cold_start", "r1_rl", "rejection_sampling", "r1", "student_base", "student",
+          "student_no_traces"}
+MODELS = {"base", "cold_start", "r1_zero", "r1_rl", "r1", "student", "student_no_traces"}
+EVALS = {f"eval_{m}" for m in MODELS}
 REGISTERED = ["r1flow-cold-start", "r1flow-r1-zero", "r1flow-r1-rl", "r1flow-r1", "r1flow-student"]
 LINEAGE_TAGS = {"config_hash", "code_version", "git_commit", "parent_model", "eval_run_id", "eval_key", "pass_at_1",
                 "stage_key", "format_rate", "data_validation", "training_health", "data_hash", "promotion"}
@@ -33,14 +35,17 @@ def check_runs(summary: dict) -> None:
     evaluation = children["eval_r1"]
     assert evaluation.data.metrics["pass_at_1"] == summary["metrics"]["r1"]["pass@1"]
     assert "samples.jsonl" in {a.path for a in client.list_artifacts(evaluation.info.run_id)}
-    assert set(summary["metrics"]) == {"base", "cold_start", "r1_zero", "r1_rl", "r1", "student"}
+    assert set(summary["metrics"]) == MODELS
+    # pass@1 on the held-out validation prompts at step 0 and the last step: R1's figure-2 curve
+    heldout = sorted(m.step for m in client.get_metric_history(children["r1_zero"].info.run_id, "heldout/pass_at_1"))
+    assert heldout[0] == 0 and heldout[-1] == children["r1_zero"].data.metrics["steps"]
 
 
 def check_report(summary: dict) -> None:
     client = MlflowClient(summary["tracking_uri"])
     report = {a.path for a in client.list_artifacts(summary["run_id"], "report")}
     assert {f"report/{name}" for name in ("eval_table.md", "reward.png", "accuracy.png", "kl.png",
-                                          "completion_length.png")} <= report
+                                          "completion_length.png", "heldout_pass.png")} <= report
 
 
 def check_registry(summary: dict) -> None:

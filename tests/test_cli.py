@@ -27,7 +27,8 @@ def test_deploy_needs_a_prefect_server(monkeypatch):
 
 def test_the_recipe_graph_knows_what_a_stage_reads_and_what_reads_it():
     assert upstream("r1") == {"base", "rejection_sampling", "r1_rl", "cold_start", "data"}
-    assert downstream("cold_start") == {"r1_rl", "rejection_sampling", "r1", "student", "eval_cold_start",
-                                        "eval_r1_rl", "eval_r1", "eval_student"}
+    assert downstream("cold_start") == {"r1_rl", "rejection_sampling", "r1", "student", "student_no_traces",
+                                        "eval_cold_start", "eval_r1_rl", "eval_r1", "eval_student",
+                                        "eval_student_no_traces"}
     assert downstream("eval_r1") == set() and upstream("base") == set()
-    assert STAGES[0] == "data" and len(STAGES) == len(set(STAGES)) == 15
+    assert STAGES[0] == "data" and len(STAGES) == len(set(STAGES)) == 16

@@ -99,8 +99,8 @@ def _prefect_task_states(flow_run_id: str, names: set[str]) -> dict[str, str]:
         time.sleep(1)
 
 
-GRPO_AND_DOWNSTREAM = {"r1_zero", "r1_rl", "rejection_sampling", "r1", "student", "eval_r1_zero", "eval_r1_rl",
-                       "eval_r1", "eval_student"}
+GRPO_AND_DOWNSTREAM = {"r1_zero", "r1_rl", "rejection_sampling", "r1", "student", "student_no_traces",
+                       "eval_r1_zero", "eval_r1_rl", "eval_r1", "eval_student", "eval_student_no_traces"}
 
 
 def test_a_grpo_change_reruns_grpo_and_downstream_only_and_from_forces_a_stage_on(first_run):
@@ -112,7 +112,8 @@ def test_a_grpo_change_reruns_grpo_and_downstream_only_and_from_forces_a_stage_o
     forced = r1_pipeline(config=MICRO, overrides=["runtime.device=cpu", "grpo.learning_rate=4e-5"], root=str(root),
                          from_stage="rejection_sampling")
     assert {name for name, cached in forced["stages"].items() if not cached} == {
-        "rejection_sampling", "r1", "student", "eval_r1", "eval_student"}
+        "rejection_sampling", "r1", "student", "student_no_traces", "eval_r1", "eval_student",
+        "eval_student_no_traces"}
     assert forced["metrics"] == changed["metrics"]  # same keys, same seeds: the same results again
     assert not any(v["new"] for v in forced["versions"].values())  # no duplicate versions
 

@@ -1,0 +1,120 @@
+"""``r1flow eval MODEL --benchmark NAME``: a registered version or a Hugging Face folder on a
+public benchmark, with R1's protocol (pass@1 over k samples at T=0.6 / top-p 0.95, cons@k,
+greedy), graded by math-verify, every sample kept.
+
+The benchmark's test file enters through the project's own import path: ``sources/`` (public
+copies, see its README) → the importer → ``data/benchmarks/NAME.jsonl``, validated by the GX
+``eval`` suite and versioned with DVC. The model is scored by the pipeline's ``evaluate``
+component as a keyed stage (same model, file and settings: a cache hit) in its own MLflow run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from prefect import flow
+
+from components import versioning
+from components.benchmarks import import_benchmark, write_jsonl
+from components.config import Profile, load_profile
+from components.tracking import Tracker, default_uri
+from flows.stages import Artifact, file_digest, run_stage
+
+PROJECT = Path(__file__).resolve().parents[1]
+# name -> (importer, public test file in sources/)
+BENCHMARKS = {
+    "gsm8k": ("gsm8k", "sources/gsm8k/test.jsonl.gz"),
+    "math500": ("math500", "sources/math500/test.jsonl.gz"),
+    "countdown": ("countdown", "sources/countdown/countdown_cd3_test.jsonl.gz"),
+}
+
+
+def benchmark_file(root: Path, profile: Profile, name: str) -> Path:
+    """``data/benchmarks/NAME.jsonl``, imported, validated and versioned with DVC on first use."""
+    path = root / profile.data_dir / "benchmarks" / f"{name}.jsonl"
+    if path.exists():
+        return path
+    from components.validate import validate_file  # Great Expectations: seconds to import
+
+    kind, source = BENCHMARKS[name]
+    staged = path.parent / f".{name}.jsonl"
+    write_jsonl(staged, import_benchmark(kind, PROJECT / source))
+    try:
+        validate_file(staged, "eval", name=f"benchmark/{name}")
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    staged.rename(path)  # only a validated file takes the name
+    versioning.ensure_repo(root, str((root / profile.workspace / "dvc-remote").resolve()))
+    versioning.version_data(root, profile.data_dir.as_posix())
+    return path
+
+
+def model_folder(ref: str, tracker: Tracker, workspace: Path) -> tuple[Path, str]:
+    """(folder, content key) of a Hugging Face folder, or of a registered version ``NAME/VERSION``
+    or ``NAME@ALIAS`` (downloaded once into the workspace)."""
+    folder = Path(ref)
+    if folder.is_dir():
+        if not (folder / "config.json").exists():
+            raise ValueError(f"model {ref!r}: a folder without config.json is not a Hugging Face model folder")
+        digest = hashlib.sha256()
+        for file in sorted(p for p in folder.iterdir() if p.is_file()):
+            digest.update(file.name.encode() + (file_digest(file) or "").encode())
+        return folder, digest.hexdigest()[:16]
+    from mlflow.exceptions import MlflowException
+
+    name, sep, version = ref.partition("/") if "/" in ref else ref.partition("@")
+    if not sep or not version:
+        raise ValueError(f"model {ref!r}: not a folder, and not a registered NAME/VERSION or NAME@ALIAS")
+    try:
+        found = (tracker.client.get_model_version(name, version) if sep == "/"
+                 else tracker.client.get_model_version_by_alias(name, version))
+    except MlflowException as error:
+        raise ValueError(f"model {ref!r}: no such registered version ({error.message})") from None
+    target = workspace / "models" / name / str(found.version)
+    if not (target / "config.json").exists():
+        tmp = target.parent / f".{target.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tracker.client.download_artifacts(found.run_id, "model", str(tmp))
+        tmp.joinpath("model").rename(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target, f"{name}/{found.version}/{found.run_id}"
+
+
+@flow(name="r1flow-eval", flow_run_name="{benchmark}", log_prints=True)
+def evaluate_benchmark(model: str, benchmark: str, config: str | None = None, overrides: list[str] | None = None,
+                       root: str = ".", limit: int | None = None) -> dict:
+    """Score ``model`` on ``benchmark``'s test file with the profile's ``evaluate`` settings."""
+    profile = load_profile(config, overrides)
+    root_path = Path(root).resolve()
+    workspace = root_path / profile.workspace
+    workspace.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(profile.tracking.tracking_uri or default_uri(workspace), profile.tracking.experiment,
+                      workspace / "mlartifacts")
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose from {', '.join(BENCHMARKS)}")
+    folder, model_key = model_folder(model, tracker, workspace)
+    data = benchmark_file(root_path, profile, benchmark)
+    settings = profile.evaluate.model_copy(update={"limit": limit})
+    inputs = {"model": Artifact(str(folder), model_key), "data": Artifact(str(data), file_digest(data))}
+    started = time.time()
+    run_id = tracker.start_run(f"eval {benchmark}: {model}", tags={
+        "model": model, "benchmark": benchmark, "data_hash": versioning.data_hash(root_path, profile.data_dir.as_posix())})
+    tracker.log_params(run_id, {"evaluate": settings.model_dump(mode="json"), "model_folder": str(folder),
+                                "prompt_template": profile.prompt_template})
+    try:
+        out, key, cached = run_stage(f"eval_{benchmark}", "evaluate", settings, inputs, profile, workspace)
+    except BaseException:
+        tracker.finish(run_id, ok=False)
+        raise
+    metrics = json.loads((out / "metrics.json").read_text())
+    tracker.log_metrics(run_id, metrics)
+    tracker.set_tags(run_id, {"stage_key": key, "cached": cached})
+    tracker.log_artifact(run_id, out / "samples.jsonl")
+    tracker.finish(run_id)
+    return {"run_id": run_id, "metrics": metrics, "samples": str(out / "samples.jsonl"), "cached": cached,
+            "seconds": time.time() - started, "tracking_uri": tracker.uri}
