@@ -64,7 +64,7 @@ def read_seed(folder: Path) -> dict:
                               order_by=["attributes.start_time DESC"])
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    curves = {(stage, key): [(m.step, m.value) for m in client.get_metric_history(children[stage].info.run_id, key)]
+    curves = {(stage, key): sorted((m.step, m.value) for m in client.get_metric_history(children[stage].info.run_id, key))
               for stage in ("r1_zero", "r1_rl") for key in CURVES}
     seconds = {name: (r.info.end_time - r.info.start_time) / 1000 for name, r in children.items()}
     return {"metrics": parent.data.metrics, "seconds": seconds, "curves": curves, "run_id": parent.info.run_id}

@@ -20,8 +20,8 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
+from components.addition import addition_question, addition_work, held_out, r1_completion
 from components.config import ModelConfig
-from components.data import addition_question, addition_work, held_out, r1_completion
 from components.modeling import (
     build_tiny_tokenizer,
     load_model,

@@ -33,7 +33,8 @@ class DataConfig(Section):
     train_path: Path | None = Field(None, description="jsonl to import the training prompts from (benchmarks)")
     test_path: Path | None = Field(None, description="jsonl to import the held-out test prompts from (benchmarks)")
     n_train: int = Field(2000, gt=0, description="training prompts (synthetic) or import limit")
-    n_validation: int = Field(100, ge=0, description="validation prompts split off the training set")
+    n_validation: int = Field(100, ge=0, description="validation prompts (synthetic: held-out problems, like "
+                              "test; benchmarks: split off the training set)")
     n_test: int = Field(200, gt=0, description="held-out test prompts (synthetic) or import limit")
     min_digits: int = Field(2, ge=1, description="synthetic: fewest digits in an operand")
     max_digits: int = Field(2, ge=1, description="synthetic: most digits in an operand")

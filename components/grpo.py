@@ -66,6 +66,9 @@ class HeldOutPass(TrainerCallback):
 
     def measure(self, model, step: int) -> None:
         was_training = model.training
+        # Under ZeRO-3 every rank holds a shard: all must step through generation together.
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1
         model.eval()
         texts, lengths = [], []
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
@@ -75,7 +78,8 @@ class HeldOutPass(TrainerCallback):
                                        add_special_tokens=False).to(model.device)
                 new = model.generate(**batch, do_sample=True, temperature=0.6, top_p=0.95, top_k=0,
                                      max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                                     eos_token_id=self.tokenizer.eos_token_id)[:, batch["input_ids"].shape[1] :]
+                                     eos_token_id=self.tokenizer.eos_token_id,
+                                     synced_gpus=distributed)[:, batch["input_ids"].shape[1] :]
                 for row in new:
                     ids = [i for i in row.tolist() if i != self.tokenizer.pad_token_id]
                     texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))

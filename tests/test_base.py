@@ -6,8 +6,8 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from components import base
+from components.addition import held_out
 from components.config import ModelConfig
-from components.data import held_out
 from components.rewards import format_reward
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from components.addition import r1_completion
 from components.benchmarks import (
     IMPORTERS,
     boxed_answer,
@@ -19,7 +20,6 @@ from components.benchmarks import (
     ngrams,
     write_jsonl,
 )
-from components.data import r1_completion
 from components.evaluate import grade
 from components.rewards import is_correct
 

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
+from components.addition import addition_work, held_out
 from components.config import DataConfig
-from components.data import addition_work, build_datasets, held_out, synthetic_addition
+from components.data import build_datasets, synthetic_addition
 from components.rewards import format_reward
 
 
@@ -16,15 +17,17 @@ def test_addition_work_carries_column_by_column():
 
 def test_synthetic_splits_are_disjoint_and_reproducible():
     cfg = DataConfig(n_train=300, n_validation=20, n_test=50)
-    train, test = synthetic_addition(cfg, seed=1)
+    train, validation, test = synthetic_addition(cfg, seed=1)
     unordered = lambda records: {frozenset((r["a"], r["b"])) for r in records}
-    assert unordered(train).isdisjoint(unordered(test))  # not even as b + a
-    assert all(held_out(r["a"], r["b"]) for r in test) and not any(held_out(r["a"], r["b"]) for r in train)
-    assert len({r["id"] for r in train + test}) == 370
-    assert len(test) == 50 and len(train) == 320
-    assert all(int(r["answer"]) == r["a"] + r["b"] for r in train + test)
-    assert synthetic_addition(cfg, seed=1) == (train, test)
-    assert synthetic_addition(cfg, seed=2) != (train, test)
+    assert len(unordered(train)) == 300 and len(unordered(validation)) == 20 and len(unordered(test)) == 50
+    for one, other in ((train, test), (train, validation), (validation, test)):
+        assert unordered(one).isdisjoint(unordered(other))  # not even as b + a
+    # validation and test are both held-out problems: never trained on, not even in pretraining
+    assert all(held_out(r["a"], r["b"]) for r in test + validation) and not any(held_out(r["a"], r["b"]) for r in train)
+    assert len({r["id"] for r in train + validation + test}) == 370
+    assert all(int(r["answer"]) == r["a"] + r["b"] for r in train + validation + test)
+    assert synthetic_addition(cfg, seed=1) == (train, validation, test)
+    assert synthetic_addition(cfg, seed=2) != (train, validation, test)
 
 
 def test_too_many_prompts_for_the_digit_range_is_an_error():

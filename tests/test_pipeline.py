@@ -189,3 +189,21 @@ def test_rerun_on_a_fresh_clone_restores_the_data_and_reproduces_every_metric(fi
     assert len(comparisons) >= 30 and all(c.matches(0.0) for c in comparisons)  # exact on CPU
     assert reproduced["data_hash"] == summary["data_hash"]  # the traces it made are byte-identical too
     assert not any(v["new"] for v in reproduced["versions"].values())  # same stage keys: no duplicates
+
+
+def test_a_profile_runs_part_of_the_recipe_and_imported_benchmarks_stay(first_run):
+    from flows.pipeline import r1_pipeline
+
+    root, summary = first_run
+    imported = root / "data" / "benchmarks" / "countdown.jsonl"  # as `r1flow eval` leaves it
+    imported.parent.mkdir(parents=True, exist_ok=True)
+    imported.write_text('{"id": "countdown-test-0", "task": "countdown", "question": "q", "answer": "23"}\n')
+    part = r1_pipeline(config=MICRO, overrides=["runtime.device=cpu", "stages=[eval_base, eval_r1_zero]"],
+                       root=str(root))
+    assert set(part["stages"]) == {"data", "base", "r1_zero", "eval_base", "eval_r1_zero"}
+    assert all(part["stages"].values())  # the same keys as the whole recipe's: cache hits
+    assert part["metrics"] == {role: summary["metrics"][role] for role in ("base", "r1_zero")}
+    assert set(part["versions"]) == {"r1_zero"} and not part["versions"]["r1_zero"]["new"]
+    assert imported.exists() and versioning.remote_status(root) == {}  # kept, and versioned with the run's data
+    with pytest.raises(ValueError, match="unknown stage 'eval_nothing'"):
+        r1_pipeline(config=MICRO, overrides=["runtime.device=cpu", "stages=[eval_nothing]"], root=str(root))
