@@ -63,3 +63,8 @@ def test_rejection_sampling_stage_reports_acceptance(tiny_base, micro_data, tmp_
     assert len({row["id"] for row in kept}) == len(kept)  # one id per trace, not per prompt
     assert result["accepted"] + sum(result["rejected"].values()) == 64
     assert all(is_correct(extract_answer(row["completion"]), row["answer"], "addition") for row in kept)
+    # Distillation's control: the same prompts and verified answers, the reasoning left out.
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [a["id"] for a in answers] == [k["id"] for k in kept]
+    assert all(a["completion"] == f"<think>\n</think>\n<answer>{extract_answer(k['completion'])}</answer>"
+               for a, k in zip(answers, kept))
