@@ -171,7 +171,11 @@ def convert_gguf(cfg: ModelConfig, out: Path) -> dict:
         raise FileNotFoundError(f"base: GGUF file not found: {Path(folder) / name}")
     quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_config(quantised.config)
+    config = quantised.config
+    # The weights are dequantised now; a config still naming GGUF quantisation makes Trainer
+    # refuse to fine-tune the model ("purely quantized models").
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(quantised.state_dict())
     save_model(model, tokenizer, out)
     return {"parameters": model.num_parameters(), "gguf": str(Path(folder) / name)}

@@ -52,3 +52,7 @@ def test_gguf_smollm2_converts_to_a_safetensors_folder(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
     assert model.config.model_type == "llama" and tokenizer.chat_template
+    # dequantised for good: a trainer accepts it (a config naming GGUF quantisation is refused)
+    assert getattr(model.config, "quantization_config", None) is None
+    from transformers.trainer_utils import validate_quantization_for_training
+    validate_quantization_for_training(model)
