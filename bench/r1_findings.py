@@ -66,7 +66,8 @@ def read_seed(folder: Path) -> dict:
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     curves = {(stage, key): sorted((m.step, m.value) for m in client.get_metric_history(children[stage].info.run_id, key))
               for stage in ("r1_zero", "r1_rl") for key in CURVES}
-    seconds = {name: (r.info.end_time - r.info.start_time) / 1000 for name, r in children.items()}
+    seconds = {name: (r.info.end_time - r.info.start_time) / 1000
+               for name, r in sorted(children.items(), key=lambda item: item[1].info.start_time)}  # recipe order
     return {"metrics": parent.data.metrics, "seconds": seconds, "curves": curves, "run_id": parent.info.run_id}
 
 
@@ -130,7 +131,7 @@ def report(seeds: dict[int, dict], k: int, out: Path) -> str:
             line, = axes.plot(steps, [mean(v) for v in values], marker=".", label=label)
             axes.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2,
                               color=line.get_color())
-        axes.set(xlabel="GRPO step", title=f"{title}, {len(seeds)} seeds")
+        axes.set(xlabel="GRPO step", title=f"{title}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
         axes.grid(alpha=0.3)
         axes.legend()
         figure.tight_layout()
