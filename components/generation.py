@@ -41,18 +41,27 @@ def generate(model_dir: str | Path, prompts: list[str], sampling: Sampling, *, s
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, device).eval()
     torch.manual_seed(seed)
+    return sample(model, tokenizer, prompts, sampling, batch_size=batch_size, label=label)
+
+
+def sample(model, tokenizer, prompts: list[str], sampling: Sampling, *, batch_size: int = 64,
+           label: str = "generating", synced_gpus: bool = False) -> list[list[Completion]]:
+    """k completions per prompt from a model already in memory (``generate`` loads one; GRPO's
+    held-out curve samples the policy it is training). ``synced_gpus``: every ZeRO-3 rank steps
+    through generation together."""
     results: list[list[Completion]] = []
     with Progress(transient=True) as progress:
         bar = progress.add_task(label, total=len(prompts))
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(device)
+                              add_special_tokens=False).to(model.device)
             with torch.inference_mode():
                 output = model.generate(
                     **batch, do_sample=not sampling.greedy, temperature=None if sampling.greedy else sampling.temperature,
                     top_p=None if sampling.greedy else sampling.top_p, top_k=0 if not sampling.greedy else None,
                     max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.k,
                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                    synced_gpus=synced_gpus,
                 )
             new = output[:, batch["input_ids"].shape[1] :]
             for i in range(0, len(new), sampling.k):

@@ -20,6 +20,7 @@ from trl import GRPOTrainer
 
 from components.benchmarks import load_jsonl
 from components.config import GRPOConfig
+from components.generation import Sampling, sample
 from components.modeling import load_model, load_tokenizer, pick_device, render_prompt
 from components.rewards import REWARDS, accuracy_reward
 from components.sft import (
@@ -70,25 +71,16 @@ class HeldOutPass(TrainerCallback):
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and \
             torch.distributed.get_world_size() > 1
         model.eval()
-        texts, lengths = [], []
-        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            for start in range(0, len(self.prompts), 64):
-                batch = self.tokenizer(self.prompts[start : start + 64], return_tensors="pt", padding=True,
-                                       add_special_tokens=False).to(model.device)
-                new = model.generate(**batch, do_sample=True, temperature=0.6, top_p=0.95, top_k=0,
-                                     max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                                     eos_token_id=self.tokenizer.eos_token_id,
-                                     synced_gpus=distributed)[:, batch["input_ids"].shape[1] :]
-                for row in new:
-                    ids = [i for i in row.tolist() if i != self.tokenizer.pad_token_id]
-                    texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
-                    lengths.append(len(ids))
+            samples = sample(model, self.tokenizer, self.prompts, Sampling(max_new_tokens=self.max_new_tokens),
+                             label="held-out pass@1", synced_gpus=distributed)
         model.train(was_training)
+        texts = [s.text for (s,) in samples]
         correct = accuracy_reward(texts, [r["answer"] for r in self.records], [r["task"] for r in self.records],
                                   numbers=[r.get("numbers") for r in self.records])
         self.log.write(step, **{"heldout/pass@1": mean(c or 0.0 for c in correct),
-                                "heldout/mean_length": mean(lengths)})
+                                "heldout/mean_length": mean(s.tokens for (s,) in samples)})
 
 
 def run(spec: StageSpec) -> dict:
