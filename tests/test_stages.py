@@ -18,11 +18,12 @@ def test_code_version_follows_imports(monkeypatch, tmp_path):
     shutil.copytree(stages.COMPONENTS, copy)
     monkeypatch.setattr(stages, "COMPONENTS", copy)
     before = {m: code_version.__wrapped__(m) for m in ("grpo", "sft", "evaluate")}
-    (copy / "generation.py").write_text((copy / "generation.py").read_text() + "\n# changed\n")
-    assert code_version.__wrapped__("evaluate") != before["evaluate"]  # evaluate imports generation
-    assert code_version.__wrapped__("grpo") == before["grpo"]  # grpo does not
     (copy / "sft.py").write_text((copy / "sft.py").read_text() + "\n# changed\n")
     assert code_version.__wrapped__("grpo") != before["grpo"]  # grpo imports sft's helpers
+    assert code_version.__wrapped__("evaluate") == before["evaluate"]  # evaluate does not
+    (copy / "generation.py").write_text((copy / "generation.py").read_text() + "\n# changed\n")
+    assert code_version.__wrapped__("evaluate") != before["evaluate"]  # evaluate imports generation
+    assert code_version.__wrapped__("sft") == before["sft"]  # sft does not
 
 
 def test_stage_key_depends_on_config_inputs_and_seed():
