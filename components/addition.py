@@ -53,3 +53,8 @@ def r1_completion(thought: str, answer: str) -> str:
 
 def addition_question(a: int, b: int) -> str:
     return f"What is {a} + {b}?"
+
+
+# What the tiny base's pretraining prompts add when they ask for the work. The task's own prompts
+# never say it: whether to work the columns is the base's habit, which RL can change.
+WORK_HINT = " Show your work."

@@ -20,7 +20,7 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-from components.addition import addition_question, addition_work, held_out, r1_completion
+from components.addition import WORK_HINT, addition_question, addition_work, held_out, r1_completion
 from components.config import ModelConfig
 from components.modeling import (
     build_tiny_tokenizer,
@@ -40,12 +40,16 @@ from components.stage_io import (
 
 
 def pretraining_corpus(cfg: ModelConfig, seed: int, template: str, tokenizer) -> list[tuple[str, str]]:
-    """(prompt, completion) addition problems in chat form; a ``reasoning_share`` show their work.
+    """(prompt, completion) addition problems in chat form, some showing their work.
 
-    The rest answer directly, which a tiny model cannot do reliably for multi-digit numbers: the
-    base therefore knows the format and the method but often skips it, leaving RL something to
-    teach. Operands have 1 to ``pretrain_max_digits`` digits, covering the task's prompts; the
-    held-out partition the test split is drawn from never appears.
+    An ``asked_share`` of the prompts ask for the work (``WORK_HINT``) and show it: the base learns
+    the method well. Of the plain prompts, the task's own, only a ``reasoning_share`` show it; the
+    rest answer directly, which a tiny model cannot do reliably for multi-digit numbers. The base
+    therefore knows the format and the method but seldom uses it unasked, leaving RL something
+    to teach. (One share did both jobs before: the method was learned late or not at all for
+    some seeds where the habit was low enough.) Operands have 1 to ``pretrain_max_digits``
+    digits, covering the task's prompts; the held-out partition the test split is drawn from never
+    appears.
     """
     rng = random.Random(seed + 1)
     pairs = []
@@ -53,8 +57,10 @@ def pretraining_corpus(cfg: ModelConfig, seed: int, template: str, tokenizer) ->
         a, b = (rng.randint(0, 10 ** rng.randint(1, cfg.pretrain_max_digits) - 1) for _ in range(2))
         if held_out(a, b):
             continue
-        thought = addition_work(a, b) if rng.random() < cfg.reasoning_share else ""
-        pairs.append((render_prompt(tokenizer, addition_question(a, b), template),
+        asked = rng.random() < cfg.asked_share
+        thought = addition_work(a, b) if asked or rng.random() < cfg.reasoning_share else ""
+        question = addition_question(a, b) + (WORK_HINT if asked else "")
+        pairs.append((render_prompt(tokenizer, question, template),
                       r1_completion(thought, str(a + b)) + tokenizer.eos_token))
     return pairs
 

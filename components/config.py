@@ -69,7 +69,10 @@ class ModelConfig(Section):
     pretrain_batch_size: int = Field(64, gt=0)
     pretrain_lr: float = Field(1e-3, gt=0)
     pretrain_max_digits: int = Field(2, ge=1, le=9, description="corpus operands have 1..this many digits")
-    reasoning_share: float = Field(0.6, ge=0, le=1, description="share of the corpus that shows its work")
+    asked_share: float = Field(0.0, ge=0, le=1, description="share of the corpus whose prompt asks for the "
+                               "work (addition.WORK_HINT); all of them show it")
+    reasoning_share: float = Field(0.6, ge=0, le=1, description="share of the plain-prompt examples that show "
+                                   "their work anyway: the base's habit on the task's own prompts")
     save_steps: int = Field(200, gt=0, description="pretraining checkpoint interval (crash resume)")
 
     @model_validator(mode="after")

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from components import base
-from components.addition import held_out
+from components.addition import WORK_HINT, held_out
 from components.config import ModelConfig
 from components.rewards import format_reward
 
@@ -20,12 +20,15 @@ def test_tiny_base_pretrains_saves_and_reloads(tiny_base):
 
 def test_pretraining_corpus_mixes_worked_and_direct_answers(random_model):
     tokenizer = AutoTokenizer.from_pretrained(random_model)
-    corpus = base.pretraining_corpus(ModelConfig(pretrain_examples=400, reasoning_share=0.25, pretrain_max_digits=2),
-                                     0, "{question}", tokenizer)
+    corpus = base.pretraining_corpus(ModelConfig(pretrain_examples=400, asked_share=0.5, reasoning_share=0.25,
+                                                 pretrain_max_digits=2), 0, "{question}", tokenizer)
     assert all(prompt.endswith("<|im_start|>assistant\n") for prompt, _ in corpus)
     completions = [completion.removesuffix("<|im_end|>") for _, completion in corpus]
-    worked = sum("=" in c for c in completions) / len(completions)
-    assert 0.15 < worked < 0.35
+    asked = [WORK_HINT in prompt for prompt, _ in corpus]
+    assert 0.4 < sum(asked) / len(corpus) < 0.6
+    assert all("=" in c for c, a in zip(completions, asked) if a)  # asked: always shows the work
+    unasked = [c for c, a in zip(completions, asked) if not a]
+    assert 0.15 < sum("=" in c for c in unasked) / len(unasked) < 0.35  # unasked: the habit's share
     assert max(int(c.split("<answer>")[1].split("<")[0]) for c in completions) <= 99 + 99
     assert format_reward(completions) == [1.0] * len(completions)
     # No test problem is pretrained on: the corpus skips the held-out partition, in either order.
