@@ -17,7 +17,7 @@ def test_code_version_follows_imports(monkeypatch, tmp_path):
     copy = tmp_path / "components"
     shutil.copytree(stages.COMPONENTS, copy)
     monkeypatch.setattr(stages, "COMPONENTS", copy)
-    before = {m: code_version.__wrapped__(m) for m in ("grpo", "sft", "evaluate")}
+    before = {m: code_version.__wrapped__(m) for m in ("grpo", "evaluate")}
     (copy / "sft.py").write_text((copy / "sft.py").read_text() + "\n# changed\n")
     assert code_version.__wrapped__("grpo") != before["grpo"]  # grpo imports sft's helpers
     assert code_version.__wrapped__("evaluate") == before["evaluate"]  # evaluate does not
