@@ -68,6 +68,8 @@ class ModelConfig(Section):
     pretrain_steps: int = Field(1200, ge=0)
     pretrain_batch_size: int = Field(64, gt=0)
     pretrain_lr: float = Field(1e-3, gt=0)
+    pretrain_ema: float = Field(0.995, ge=0, lt=1, description="the base saved is this exponential moving average "
+                                "of the weights (0: the last step's)")
     pretrain_max_digits: int = Field(2, ge=1, le=9, description="corpus operands have 1..this many digits")
     asked_share: float = Field(0.0, ge=0, le=1, description="share of the corpus whose prompt asks for the "
                                "work (addition.WORK_HINT); all of them show it")
@@ -83,6 +85,10 @@ class ModelConfig(Section):
             raise ValueError("source 'gguf' needs gguf_file")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be divisible by num_attention_heads")
+        if self.source == "tiny" and self.pretrain_steps * (1 - self.pretrain_ema) < 1 < self.pretrain_steps:
+            raise ValueError(f"pretrain_ema {self.pretrain_ema} averages over ~{1 / (1 - self.pretrain_ema):.0f} steps, "
+                             f"more than pretrain_steps {self.pretrain_steps}: the saved base would be mostly its "
+                             "random initialisation; lower pretrain_ema")
         return self
 
 

@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 MICRO_BASE = ModelConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, pretrain_examples=2000,
-                         pretrain_steps=120, pretrain_batch_size=32, pretrain_max_digits=2)
+                         pretrain_steps=120, pretrain_batch_size=32, pretrain_max_digits=2, pretrain_ema=0.9)
 
 
 @pytest.fixture(scope="session")

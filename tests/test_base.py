@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import random
 import re
 
 import pytest
@@ -34,6 +35,19 @@ def test_pretraining_corpus_mixes_worked_and_direct_answers(random_model):
     # No test problem is pretrained on: the corpus skips the held-out partition, in either order.
     operands = [re.search(r"What is (\d+) \+ (\d+)\?", p).groups() for p, _ in corpus]
     assert len(operands) == 400 and not any(held_out(int(a), int(b)) for a, b in operands)
+
+
+def test_pretraining_batches_mix_worked_and_direct_answers():
+    # Batches bucketed by whole length held only worked or only direct answers, and each batch
+    # whipped the base's choice between the two (its habit swung 2-40% every few dozen steps).
+    rng = random.Random(0)
+    encoded = [([0] * rng.choice([20, 24]), [1] * rng.choice([10, 43])) for _ in range(400)]
+    batches = base.prompt_length_batches(encoded, 16)
+    assert sorted(i for batch in batches for i in batch) == list(range(400))
+    straddling = [batch for batch in batches if len({len(encoded[i][0]) for i in batch}) > 1]
+    assert len(straddling) <= 1  # one prompt length per batch (little padding), but where the lengths change
+    mixed = [batch for batch in batches if {len(encoded[i][1]) for i in batch} == {10, 43}]
+    assert len(mixed) >= len(batches) - 1  # both kinds of answer in every batch but perhaps the short last one
 
 
 def test_hf_source_copies_a_folder(random_model, tmp_path):

@@ -39,6 +39,7 @@ def test_overrides_apply_typed_values():
     (["grpo.num_generations=3"], "per_device_train_batch_size must be a multiple of num_generations"),
     (["data.source=gsm8k"], "needs train_path and test_path"),
     (["base.source=gguf", "base.path=/nowhere"], "needs gguf_file"),
+    (["base.pretrain_steps=100"], "pretrain_ema 0.995 averages over ~200 steps, more than pretrain_steps 100"),
     (["rejection_sampling.top_p=1.5"], "rejection_sampling.top_p: Input should be less than or equal to 1"),
     (["rejection_sampling.temperature=0"], "rejection_sampling.temperature: Input should be greater than 0"),
     (["nonsense"], "expected key=value"),

@@ -20,7 +20,7 @@ from components.stage_io import keep_checkpoint, latest_checkpoint
 
 MICRO = str(Path(__file__).parents[1] / "configs" / "micro.yaml")
 TINY = ModelConfig(hidden_size=16, num_hidden_layers=1, intermediate_size=32, pretrain_examples=64,
-                   pretrain_steps=6, pretrain_batch_size=8, save_steps=2)
+                   pretrain_steps=6, pretrain_batch_size=8, save_steps=2, pretrain_ema=0.5)
 
 
 def test_only_complete_checkpoints_are_ever_found(tmp_path):

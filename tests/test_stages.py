@@ -54,7 +54,7 @@ def test_stage_key_follows_the_accelerate_config_content(tmp_path):
 def test_run_stage_caches_and_leaves_nothing_half_written(tmp_path):
     profile = load_profile(None, ["runtime.device=cpu"])
     tiny = ModelConfig(hidden_size=16, num_hidden_layers=1, intermediate_size=32, pretrain_examples=64,
-                       pretrain_steps=2, pretrain_batch_size=8)
+                       pretrain_steps=2, pretrain_batch_size=8, pretrain_ema=0)
     folder, key, cached = run_stage("base", "base", tiny, {}, profile, tmp_path)
     assert not cached and (folder / "model" / "model.safetensors").exists() and folder.name == key
     assert json.loads((folder / "result.json").read_text())["model"] == "model"  # valid after the rename
