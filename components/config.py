@@ -85,8 +85,9 @@ class ModelConfig(Section):
             raise ValueError("source 'gguf' needs gguf_file")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be divisible by num_attention_heads")
-        if self.source == "tiny" and self.pretrain_steps * (1 - self.pretrain_ema) < 1 < self.pretrain_steps:
-            raise ValueError(f"pretrain_ema {self.pretrain_ema} averages over ~{1 / (1 - self.pretrain_ema):.0f} steps, "
+        horizon = 1 / (1 - self.pretrain_ema)  # steps the moving average mostly spans
+        if self.source == "tiny" and 1 < self.pretrain_steps < horizon:
+            raise ValueError(f"pretrain_ema {self.pretrain_ema} averages over ~{horizon:.0f} steps, "
                              f"more than pretrain_steps {self.pretrain_steps}: the saved base would be mostly its "
                              "random initialisation; lower pretrain_ema")
         return self
