@@ -28,7 +28,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from mlflow.tracking import MlflowClient
 
 from components.config import load_profile
 from components.tracking import Tracker, default_uri
@@ -58,17 +57,13 @@ def run_seed(seed: int, config: Path, folder: Path) -> float:
 
 def read_seed(folder: Path) -> dict:
     """Eval metrics, stage wall times and held-out curves of the folder's latest pipeline run."""
-    client = MlflowClient(default_uri(folder / ".r1flow"))
-    experiment = client.get_experiment_by_name("r1flow")
-    runs = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"])
-    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
-    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    curves = {(stage, key): sorted((m.step, m.value) for m in client.get_metric_history(children[stage].info.run_id, key))
+    tracker = Tracker(default_uri(folder / ".r1flow"), "r1flow")
+    parent = tracker.pipeline_runs(limit=1)[0]
+    children = tracker.child_runs(parent.run_id)  # in the order they started: recipe order
+    curves = {(stage, key): tracker.metric_history(children[stage].run_id, key)
               for stage in ("r1_zero", "r1_rl") for key in CURVES}
-    seconds = {name: (r.info.end_time - r.info.start_time) / 1000
-               for name, r in sorted(children.items(), key=lambda item: item[1].info.start_time)}  # recipe order
-    return {"metrics": parent.data.metrics, "seconds": seconds, "curves": curves, "run_id": parent.info.run_id}
+    seconds = {name: run.seconds for name, run in children.items()}
+    return {"metrics": parent.metrics, "seconds": seconds, "curves": curves, "run_id": parent.run_id}
 
 
 def pm(values: list[float]) -> str:

@@ -182,12 +182,16 @@ class RuntimeConfig(Section):
 class PromotionConfig(Section):
     """Gates before a model takes the ``champion`` alias (``components.promotion``)."""
 
-    margin: float = Field(0.01, ge=0, description="pass@1 must beat the champion's by at least this")
+    significance: float = Field(0.05, gt=0, lt=1, description="a gain counts when the (1 - significance) paired "
+                                "bootstrap interval of the pass@1 difference lies above zero")
+    resamples: int = Field(10_000, ge=100, description="bootstrap resamples of the test prompts")
     min_format_rate: float = Field(0.9, ge=0, le=1, description="share of well-formed eval samples")
     max_zero_std_share: float = Field(0.95, ge=0, le=1, description="GRPO: reward groups with no spread")
     max_clipped_ratio: float = Field(0.5, ge=0, le=1, description="GRPO: completions cut at the length limit")
     min_entropy: float = Field(0.02, ge=0, description="GRPO: mean token entropy of the policy")
     patience: int = Field(3, gt=0, description="logged steps in a row beyond a threshold that mean collapse")
+    min_reward_gain: float = Field(0.1, ge=0, description="GRPO: a signal beyond its threshold counts as collapse "
+                                   "unless the reward meanwhile rose this much above its first logged steps")
 
 
 class TrackingConfig(Section):

@@ -1,5 +1,6 @@
 """Data stage: prompt sets with verifiable answers, split, decontaminated, plus cold-start traces.
 
+    python -m components.data --spec SPEC.json
     build_datasets(DataConfig(), seed=0, out=Path("out"))
 
 The default task is synthetic addition: a tiny model rarely adds two-digit numbers in one step,
@@ -9,7 +10,6 @@ Benchmarks (GSM8K, MATH, Countdown) are imported from their public jsonl files i
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -20,8 +20,10 @@ from components.addition import (
     held_out,
     r1_completion,
 )
-from components.benchmarks import decontaminate, import_benchmark, write_jsonl
+from components.benchmarks import decontaminate, import_benchmark
 from components.config import DataConfig
+from components.jsonl import write_jsonl
+from components.stage_io import StageSpec, parse_spec, write_result
 
 
 def _operand(rng: random.Random, cfg: DataConfig) -> int:
@@ -72,7 +74,8 @@ def cold_start_trace(record: dict) -> dict | None:
 
 
 def build_datasets(cfg: DataConfig, seed: int, out: Path) -> dict:
-    """Write train/validation/test prompts and cold-start traces as jsonl under ``out``."""
+    """Write train/validation/test prompts and cold-start traces as jsonl under ``out``; returns
+    what was written (counts, and the training prompts decontamination removed)."""
     if cfg.source == "synthetic":
         train, validation, test = synthetic_addition(cfg, seed)
         removed = 0  # the partition keeps test problems out of train, in either operand order
@@ -89,6 +92,14 @@ def build_datasets(cfg: DataConfig, seed: int, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for name, records in files.items():
         write_jsonl(out / f"{name}.jsonl", records)
-    report = {"source": cfg.source, "decontaminated": removed, **{name: len(r) for name, r in files.items()}}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return {"source": cfg.source, "decontaminated": removed, **{name: len(r) for name, r in files.items()}}
+
+
+def run(spec: StageSpec) -> dict:
+    report = build_datasets(DataConfig(**spec.config), spec.seed, spec.output)
+    write_result(spec.output, report)
     return report
+
+
+if __name__ == "__main__":
+    run(parse_spec())

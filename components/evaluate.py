@@ -13,9 +13,9 @@ import json
 from collections import Counter
 from statistics import mean
 
-from components.benchmarks import load_jsonl, write_jsonl
 from components.config import EvaluateConfig
 from components.generation import Sampling, generate
+from components.jsonl import load_jsonl, write_jsonl
 from components.modeling import load_tokenizer, render_prompt
 from components.rewards import extract_answer, format_reward, is_correct, language_reward
 from components.stage_io import StageSpec, parse_spec, seed_everything, write_result

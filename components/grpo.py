@@ -18,12 +18,13 @@ from transformers import TrainerCallback
 from trl import GRPOConfig as TRLGRPOConfig
 from trl import GRPOTrainer
 
-from components.benchmarks import load_jsonl
 from components.config import GRPOConfig
 from components.generation import Sampling, sample
+from components.jsonl import load_jsonl
 from components.modeling import load_model, load_tokenizer, pick_device, render_prompt
 from components.rewards import REWARDS, accuracy_reward
-from components.sft import (
+from components.stage_io import StageSpec, parse_spec, seed_everything, write_result
+from components.trainer import (
     TrainerLog,
     callbacks,
     loss_summary,
@@ -31,7 +32,6 @@ from components.sft import (
     train_resumable,
     trl_arguments,
 )
-from components.stage_io import StageSpec, parse_spec, seed_everything, write_result
 
 
 def prompt_dataset(records: list[dict], tokenizer, template: str) -> Dataset:

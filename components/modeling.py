@@ -29,8 +29,8 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE with no merges: one token per byte, plus ChatML and R1 tags.
 
     It is a genuine Qwen2-style tokenizer, so ``AutoTokenizer`` rebuilds it faithfully (a plain
-    character-level vocabulary loses spaces there, FINDINGS 12). R1 tags are single non-special
-    tokens so they survive ``skip_special_tokens`` (FINDINGS 13).
+    character-level vocabulary came back without spaces and newlines). R1 tags are single non-special
+    tokens so they survive ``skip_special_tokens``.
     """
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))

@@ -1,19 +1,26 @@
-"""Promotion gates: when a registered model may take the ``champion`` alias.
+"""Promotion: when a registered model version may take the ``champion`` alias, and moving it.
 
-    checks = gate_checks(candidate, champion, PromotionConfig())
-    promote = all(c.passed for c in checks)
+    checks = review(tracker, version, PromotionConfig())   # tags the version with the verdict
+    if passed(checks): crown(tracker, version)
 
-A candidate is described by what its registered version records (the tags ``tracking.register``
-writes): its score, format rate, eval key, data validation and training health. Pure functions,
-so the pipeline and ``r1flow promote`` show a person exactly the same checks.
+A version takes ``champion`` only with evidence: on the same evaluation (protocol and test set),
+it beats its parent in the lineage and the current champion by a paired bootstrap over the
+per-prompt scores both evaluations kept (a difference inside the noise of the test set is not a
+promotion), its samples are well-formed, its data passed validation, and its training was
+healthy. The pipeline's ``register`` and ``r1flow promote`` both decide here.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from statistics import mean
+
+import numpy as np
 
 from components.config import PromotionConfig
+from components.tracking import NotFound, Tracker, VersionRecord
 
 # Collapse signals TRL's GRPOTrainer logs, and which side of the threshold is bad.
 COLLAPSE_SIGNALS = {
@@ -30,63 +37,176 @@ class Check:
     detail: str
 
 
+@dataclass(frozen=True)
+class Paired:
+    """Candidate minus reference pass@1 on the prompts both evaluated, with its bootstrap interval."""
+
+    difference: float
+    low: float
+    high: float
+    prompts: int
+    level: float
+
+    @property
+    def significant_gain(self) -> bool:
+        return self.low > 0
+
+    def __str__(self) -> str:
+        return (f"{self.difference:+.3f} pass@1, {self.level:.0%} interval [{self.low:+.3f}, {self.high:+.3f}] "
+                f"(paired bootstrap over {self.prompts} prompts)")
+
+
+def per_prompt(samples: list[dict]) -> dict[str, float]:
+    """Each prompt's mean correctness over its k samples, from an evaluation's ``samples.jsonl``."""
+    by_prompt: dict[str, list[bool]] = {}
+    for row in samples:
+        by_prompt.setdefault(str(row["id"]), []).append(bool(row["correct"]))
+    return {prompt: mean(values) for prompt, values in by_prompt.items()}
+
+
+def paired_bootstrap(candidate: dict[str, float], reference: dict[str, float], gate: PromotionConfig) -> Paired:
+    """Resample prompts with replacement; the interval is the percentile interval of the mean
+    paired difference. Seeded, so the same evaluations always give the same verdict."""
+    prompts = sorted(candidate)
+    diffs = np.array([candidate[p] - reference[p] for p in prompts])
+    rng = np.random.default_rng(0)
+    means = diffs[rng.integers(0, len(diffs), size=(gate.resamples, len(diffs)))].mean(axis=1)
+    alpha = gate.significance
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return Paired(float(diffs.mean()), float(low), float(high), len(prompts), 1 - alpha)
+
+
 def training_health(rows: list[dict], gate: PromotionConfig) -> list[str]:
-    """Problems in a stage's logged training curve: a non-finite loss, or a collapse signal
-    beyond its threshold for ``gate.patience`` logged steps in a row. Empty: healthy."""
+    """Problems in a stage's logged training curve; empty: healthy.
+
+    - a non-finite loss or gradient norm, at any step;
+    - a collapse signal beyond its threshold for ``gate.patience`` logged steps in a row *while
+      the reward did not rise*: the streak's mean reward is less than ``gate.min_reward_gain``
+      above the first ``patience`` logged steps'. A policy that converged (entropy near zero,
+      every group right) with a rising reward is not a collapse; one that stopped exploring with
+      its reward stalled or falling is.
+    """
     problems = []
     broken = [row["step"] for row in rows for key in ("loss", "grad_norm")
               if isinstance(row.get(key), float) and not math.isfinite(row[key])]
     if broken:
         problems.append(f"non-finite loss at step {broken[0]}")
+    rewards = [row["reward"] for row in rows if isinstance(row.get("reward"), (int, float))]
+    start = mean(rewards[: gate.patience]) if rewards else None
     for signal, (field, side) in COLLAPSE_SIGNALS.items():
-        limit, streak = getattr(gate, field), 0
+        limit, streak = getattr(gate, field), []
         for row in rows:
             if signal not in row:
                 continue
             beyond = row[signal] > limit if side == ">" else row[signal] < limit
-            streak = streak + 1 if beyond else 0
-            if streak >= gate.patience:
-                problems.append(f"{signal} {side} {limit} for {gate.patience} logged steps (to step {row['step']})")
-                break
+            streak = [*streak, row] if beyond else []
+            if len(streak) < gate.patience:
+                continue
+            recent = [r["reward"] for r in streak[-gate.patience:] if "reward" in r]
+            if start is not None and recent and mean(recent) >= start + gate.min_reward_gain:
+                continue  # converging: the reward rose while the signal held
+            trend = f"reward {mean(recent):.3f} vs {start:.3f} at the start" if recent and start is not None else \
+                "no reward logged"
+            problems.append(f"{signal} {side} {limit} for {gate.patience} logged steps (to step {row['step']}) "
+                            f"with the reward stalled or falling ({trend})")
+            break
     return problems
 
 
-def gate_checks(candidate: dict, champion: dict | None, gate: PromotionConfig) -> list[Check]:
-    """The checks a candidate must pass to become champion.
+@dataclass(frozen=True)
+class Evidence:
+    """A model's evaluation as its registered version (or its parent's record) keeps it."""
 
-    ``candidate`` and ``champion`` are version tags: ``pass_at_1``, ``format_rate``, ``eval_key``,
-    ``data_validation`` and ``training_health`` (``ok`` or the problems found).
-    """
-    score, fmt = _number(candidate, "pass_at_1"), _number(candidate, "format_rate")
-    best = _number(champion, "pass_at_1") if champion is not None else None
-    if champion is None:
-        beats = Check("primary metric", score is not None, f"pass@1 {_shown(score)}; no champion yet")
-    elif champion.get("eval_key") != candidate.get("eval_key") or best is None or score is None:
-        beats = Check("primary metric", False, "the champion was evaluated under another protocol or test set; "
-                      "compare by hand (r1flow promote)")
-    else:
-        beats = Check("primary metric", score >= best + gate.margin,
-                      f"pass@1 {score:.3f} vs champion {best:.3f} (needs +{gate.margin:.3f})")
-    health = candidate.get("training_health", "")
+    label: str  # how the verdict names it: a version ``NAME/N``, or ``base (stage KEY)``
+    eval_key: str | None
+    scores: dict[str, float]  # per-prompt pass@1
+
+
+def evidence(tracker: Tracker, label: str, eval_run_id: str | None, eval_key: str | None) -> Evidence | None:
+    """Per-prompt scores from an evaluation run's ``samples.jsonl``; None when none was kept."""
+    if not eval_run_id:
+        return None
+    try:
+        text = tracker.read_artifact(eval_run_id, "samples.jsonl")
+    except NotFound:
+        return None
+    return Evidence(label, eval_key, per_prompt([json.loads(line) for line in text.splitlines() if line.strip()]))
+
+
+def versus(candidate: Evidence | None, reference: Evidence | None, what: str, gate: PromotionConfig) -> Check:
+    """``beats WHAT``: a significant paired gain on the same evaluation, or the reason there is none."""
+    name = f"beats {what}"
+    if candidate is None or reference is None:
+        return Check(name, False, f"no per-prompt evaluation of the {'candidate' if candidate is None else what} "
+                     "kept; compare by hand")
+    if candidate.eval_key != reference.eval_key or set(candidate.scores) != set(reference.scores):
+        return Check(name, False, f"{reference.label} was evaluated under another protocol or test set")
+    paired = paired_bootstrap(candidate.scores, reference.scores, gate)
+    return Check(name, paired.significant_gain, f"{paired} vs {reference.label}")
+
+
+def gate_checks(tags: dict[str, str], candidate: Evidence | None, parent: Evidence | None,
+                champion: Evidence | None, gate: PromotionConfig) -> list[Check]:
+    """Every check a version must pass to become champion; ``tags`` are the version's own."""
+    fmt = float(tags["format_rate"]) if "format_rate" in tags else None
+    health = tags.get("training_health", "")
+    checks = [versus(candidate, parent, "its parent", gate)]
+    if champion is not None:
+        checks.append(versus(candidate, champion, "the champion", gate))
     return [
-        beats,
+        *checks,
         Check("format rate", fmt is not None and fmt >= gate.min_format_rate,
-              f"{_shown(fmt)} (needs {gate.min_format_rate:.3f})"),
-        Check("data validation", candidate.get("data_validation") == "passed",
-              f"Great Expectations: {candidate.get('data_validation', 'not recorded')}"),
+              f"{'not recorded' if fmt is None else f'{fmt:.3f}'} (needs {gate.min_format_rate:.3f})"),
+        Check("data validation", tags.get("data_validation") == "passed",
+              f"Great Expectations: {tags.get('data_validation', 'not recorded')}"),
         Check("training health", health == "ok", health or "not recorded"),
     ]
 
 
-def _number(tags: dict, key: str) -> float | None:
-    """A score from version tags; None when the version predates the tag (a check then fails)."""
-    return float(tags[key]) if key in tags else None
+def lineage(*, stage_key: str, code_version: str, config_hash: str, commit: dict, data_hash: str, eval_run_id: str,
+            eval_key: str, metrics: dict, parent: str, parent_eval_run_id: str | None,
+            health: list[str]) -> dict[str, str]:
+    """The tags a registered version carries: where it came from (stage key, code, config, commit,
+    data, parent), how it scored and where its evaluation lives, and whether it trained healthily."""
+    return {
+        "stage_key": stage_key, "code_version": code_version, "config_hash": config_hash, **commit,
+        "data_hash": data_hash, "eval_run_id": eval_run_id, "eval_key": eval_key,
+        "parent_model": parent, "parent_eval_run_id": parent_eval_run_id or "",
+        "pass_at_1": metrics["pass@1"], "format_rate": metrics["format_rate"],
+        "data_validation": "passed",  # every suite passed, or the flow would have stopped before
+        "training_health": "; ".join(health) or "ok",
+    }
 
 
-def _shown(value: float | None) -> str:
-    return "not recorded" if value is None else f"{value:.3f}"
+def passed(checks: list[Check]) -> bool:
+    return all(c.passed for c in checks)
 
 
 def verdict(checks: list[Check]) -> str:
     failed = [f"{c.name}: {c.detail}" for c in checks if not c.passed]
-    return "promoted to champion" if not failed else "kept as candidate: " + "; ".join(failed)
+    gains = [f"{c.name}: {c.detail}" for c in checks if c.passed and c.name.startswith("beats")]
+    return ("promoted to champion; " + "; ".join(gains)) if not failed else "kept as candidate: " + "; ".join(failed)
+
+
+def review(tracker: Tracker, version: VersionRecord, gate: PromotionConfig) -> list[Check]:
+    """The checks for a registered version against its parent and the champion of its name, as
+    its tags record them (``eval_run_id``, ``parent_eval_run_id``, …); tags it with the verdict."""
+    tags = version.tags
+    champion = tracker.champion(version.name)
+    candidate = evidence(tracker, version.ref, tags.get("eval_run_id"), tags.get("eval_key"))
+    parent = evidence(tracker, tags.get("parent_model", "its parent"), tags.get("parent_eval_run_id"),
+                      tags.get("eval_key"))
+    best = None
+    if champion is not None and champion.version != version.version:
+        best = evidence(tracker, f"champion {champion.ref}", champion.tags.get("eval_run_id"),
+                        champion.tags.get("eval_key")) or Evidence(f"champion {champion.ref}", None, {})
+    checks = gate_checks(tags, candidate, parent, best, gate)
+    tracker.tag_version(version.name, version.version, {"promotion": verdict(checks)})
+    return checks
+
+
+def crown(tracker: Tracker, version: VersionRecord, by_hand: str | None = None) -> None:
+    """Move ``champion`` to a version (``by_hand``: why a person overrode the checks)."""
+    tracker.set_alias(version.name, "champion", version.version)
+    if by_hand:
+        tracker.tag_version(version.name, version.version, {"promotion": f"promoted by hand; {by_hand}"})

@@ -37,7 +37,7 @@ def _integer(text: str) -> int | None:
 
 
 def _math(text: str) -> list:
-    # Bare strings parse wrongly (FINDINGS 10): wrap them in $…$ unless already delimited.
+    # Bare strings parse wrongly: wrap them in $…$ unless already delimited.
     delimited = re.search(r"(?<!\\)\$", text) is not None or "\\boxed" in text
     return parse(text if delimited else f"${text}$")
 

@@ -74,7 +74,7 @@ def is_main_process() -> bool:
 
 
 class MetricsLog:
-    """Appends every logged step to ``metrics.jsonl`` (``components.sft.TrainerLog`` feeds it from a Trainer)."""
+    """Appends every logged step to ``metrics.jsonl`` (``components.trainer.TrainerLog`` feeds it from a Trainer)."""
 
     def __init__(self, path: Path):
         self.path = path

@@ -2,7 +2,9 @@
 
 Runs are addressed by id through ``MlflowClient`` (not the thread-local active-run stack), so
 Prefect tasks on any thread can log to the pipeline's parent run and their own child run.
-Default store: SQLite plus a local artifact folder inside the workspace.
+Default store: SQLite plus a local artifact folder inside the workspace. What the rest of r1flow
+gets back are plain records (``RunRecord``, ``VersionRecord``), never MLflow's own types, so no
+other module imports ``mlflow`` (``tests/test_boundaries.py`` checks it).
 """
 
 from __future__ import annotations
@@ -10,7 +12,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -21,6 +28,34 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 PRIMARY_METRIC = "pass_at_1"
+
+
+class NotFound(LookupError):
+    """A run or registered version that the tracking store does not hold; the message names it."""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    name: str
+    status: str
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float | None = None  # wall time, once finished
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    name: str
+    version: str
+    run_id: str
+    source: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}/{self.version}"
 
 
 def default_uri(workspace: Path) -> str:
@@ -54,6 +89,49 @@ class Tracker:
 
     def finish(self, run_id: str, ok: bool = True) -> None:
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+    @contextmanager
+    def child_run(self, name: str, parent: str | None, tags: dict | None = None,
+                  run_id: str | None = None) -> Iterator[str]:
+        """A stage's MLflow run (``run_id``: one made earlier, e.g. before a stage is sent to a
+        worker): finished on success, marked failed on any exception, Ctrl-C included."""
+        run_id = run_id or self.start_run(name, parent, tags)
+        try:
+            yield run_id
+        except BaseException:
+            self.finish(run_id, ok=False)
+            raise
+        self.finish(run_id)
+
+    # --- queries --------------------------------------------------------------------------
+    def run(self, run_id: str) -> RunRecord:
+        try:
+            return _record(self.client.get_run(run_id))
+        except MlflowException:
+            raise NotFound(f"no MLflow run {run_id!r} in {self.uri}") from None
+
+    def child_runs(self, parent: str) -> dict[str, RunRecord]:
+        """A pipeline run's stage runs by name, in the order they started."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{parent}'",
+                                       order_by=["attributes.start_time ASC"], max_results=1000)
+        return {r.info.run_name: _record(r) for r in runs}
+
+    def pipeline_runs(self, limit: int = 10) -> list[RunRecord]:
+        """The newest finished pipeline (parent) runs, newest first."""
+        runs = self.client.search_runs([self.experiment_id], "attributes.status = 'FINISHED'",
+                                       order_by=["attributes.start_time DESC"], max_results=1000)
+        return [_record(r) for r in runs if "mlflow.parentRunId" not in r.data.tags][:limit]
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, metric_name(key)))
+
+    def read_artifact(self, run_id: str, path: str) -> str:
+        """The text of one file logged on a run."""
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                return Path(self.client.download_artifacts(run_id, path, folder)).read_text()
+            except (MlflowException, OSError):
+                raise NotFound(f"run {run_id} has no artifact {path!r}") from None
 
     def log_params(self, run_id: str, params: dict) -> None:
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
@@ -105,12 +183,43 @@ class Tracker:
         self.client.set_registered_model_alias(name, "candidate", version)
         return str(version)
 
-    def champion(self, name: str):
+    def version(self, name: str, version: str) -> VersionRecord:
+        """``NAME/VERSION`` (a number) or ``NAME@ALIAS``, as a record; NotFound names what is missing."""
+        if not _SAFE_NAME.fullmatch(name) or not _SAFE_NAME.fullmatch(version):
+            raise NotFound(f"{name!r}/{version!r}: a registered model name and version are letters, digits, "
+                           "'.', '-' and '_'")
+        try:
+            found = (self.client.get_model_version(name, version) if version.isdigit()
+                     else self.client.get_model_version_by_alias(name, version))
+        except MlflowException:
+            raise NotFound(f"no registered model version {name}{'/' if version.isdigit() else '@'}{version} "
+                           f"in {self.uri}") from None
+        return _version(found)
+
+    def version_by_stage_key(self, name: str, stage_key: str) -> VersionRecord | None:
+        """The version registered for a stage output (its key), if any: one version per output."""
+        if not _SAFE_NAME.fullmatch(name) or not _SAFE_NAME.fullmatch(stage_key):
+            raise ValueError(f"registry name or stage key with unexpected characters: {name!r}, {stage_key!r}")
+        found = self.client.search_model_versions(f"name = '{name}' and tags.stage_key = '{stage_key}'")
+        return _version(found[0]) if found else None
+
+    def champion(self, name: str) -> VersionRecord | None:
         """The version holding ``champion``, or None."""
         try:
-            return self.client.get_model_version_by_alias(name, "champion")
-        except MlflowException:
+            return self.version(name, "champion")
+        except NotFound:
             return None
+
+    def download_model(self, version: VersionRecord, target: Path) -> Path:
+        """A registered version's Hugging Face folder, downloaded once to ``target``."""
+        if not (target / "config.json").exists():
+            tmp = target.parent / f".{target.name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.client.download_artifacts(version.run_id, "model", str(tmp))
+            shutil.rmtree(target, ignore_errors=True)
+            (tmp / "model").rename(target)
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
@@ -118,6 +227,20 @@ class Tracker:
     def tag_version(self, name: str, version: str, tags: dict) -> None:
         for key, value in tags.items():
             self.client.set_model_version_tag(name, version, key, str(value))
+
+
+_SAFE_NAME = re.compile(r"\w[\w.\-]*")  # what r1flow's names and keys are made of: safe inside a filter string
+
+
+def _record(run) -> RunRecord:
+    info = run.info
+    seconds = (info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None
+    return RunRecord(info.run_id, info.run_name, info.status, dict(run.data.tags), dict(run.data.params),
+                     dict(run.data.metrics), seconds)
+
+
+def _version(found) -> VersionRecord:
+    return VersionRecord(found.name, str(found.version), found.run_id, found.source, dict(found.tags))
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -1,12 +1,17 @@
 """The one module that talks to DVC: ``data/`` is tracked by ``data.dvc`` and pushed to a remote.
 
+    stage_datasets(data_dir, {"prompts/train.jsonl": path, ...})   # then version_data(root)
+    restore_data_stage(data_dir, folder)                           # r1flow rerun
+
 The remote is a local folder by default (an S3/GCS URL at scale). The repository is initialised
 on first use, so a fresh clone needs no ``dvc init``.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import yaml
@@ -14,6 +19,38 @@ import yaml
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 from dvc.repo import Repo
+
+# Where each dataset of a run lives in the DVC-versioned data folder: path -> "stage/file".
+DATASETS = {"prompts/train.jsonl": "data/train", "prompts/validation.jsonl": "data/validation",
+            "prompts/test.jsonl": "data/test", "traces/cold_start.jsonl": "data/cold_start",
+            "traces/rejection_sampled.jsonl": "rejection_sampling/train"}
+
+
+def stage_datasets(data_dir: Path, files: dict[str, Path]) -> None:
+    """Make ``data_dir`` hold exactly this run's datasets (``files``: path inside it -> source),
+    keeping ``benchmarks/`` (``r1flow eval``'s imports). Built aside and swapped in whole."""
+    staging = data_dir.parent / f".{data_dir.name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    if (data_dir / "benchmarks").is_dir():
+        shutil.copytree(data_dir / "benchmarks", staging / "benchmarks")
+    for relative, source in files.items():
+        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, staging / relative)
+    shutil.rmtree(data_dir, ignore_errors=True)
+    os.replace(staging, data_dir)
+
+
+def restore_data_stage(data_dir: Path, out: Path) -> dict:
+    """The data stage's files, byte for byte, from a data folder DVC restored; returns its result."""
+    out.mkdir(parents=True)
+    result = {"source": "dvc", "restored_from": str(data_dir)}
+    for relative, ref in DATASETS.items():
+        stage, name = ref.split("/")
+        if stage == "data":
+            shutil.copyfile(data_dir / relative, out / f"{name}.jsonl")
+            result[name] = len((out / f"{name}.jsonl").read_text().splitlines())
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 def ensure_repo(root: Path, remote: str) -> None:

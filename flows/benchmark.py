@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 
 from prefect import flow
 
 from components import versioning
-from components.benchmarks import import_benchmark, write_jsonl
+from components.benchmarks import import_benchmark
 from components.config import Profile, load_profile
-from components.tracking import Tracker, default_uri
+from components.jsonl import write_jsonl
+from components.tracking import NotFound, Tracker, default_uri
 from flows.stages import Artifact, file_digest, run_stage
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -65,23 +65,14 @@ def model_folder(ref: str, tracker: Tracker, workspace: Path) -> tuple[Path, str
         for file in sorted(p for p in folder.iterdir() if p.is_file()):
             digest.update(file.name.encode() + (file_digest(file) or "").encode())
         return folder, digest.hexdigest()[:16]
-    from mlflow.exceptions import MlflowException
-
     name, sep, version = ref.partition("/") if "/" in ref else ref.partition("@")
     if not sep or not version:
         raise ValueError(f"model {ref!r}: not a folder, and not a registered NAME/VERSION or NAME@ALIAS")
     try:
-        found = (tracker.client.get_model_version(name, version) if sep == "/"
-                 else tracker.client.get_model_version_by_alias(name, version))
-    except MlflowException as error:
-        raise ValueError(f"model {ref!r}: no such registered version ({error.message})") from None
-    target = workspace / "models" / name / str(found.version)
-    if not (target / "config.json").exists():
-        tmp = target.parent / f".{target.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tracker.client.download_artifacts(found.run_id, "model", str(tmp))
-        tmp.joinpath("model").rename(target)
-        shutil.rmtree(tmp, ignore_errors=True)
+        found = tracker.version(name, version)
+    except NotFound as error:
+        raise ValueError(f"model {ref!r}: no such registered version ({error})") from None
+    target = tracker.download_model(found, workspace / "models" / name / found.version)
     return target, f"{name}/{found.version}/{found.run_id}"
 
 

@@ -77,7 +77,7 @@ def _reported(what: str):
 
     try:
         yield
-    except (StageFailed, FileNotFoundError, ValueError) as error:
+    except (StageFailed, FileNotFoundError, LookupError, ValueError) as error:
         _fail(f"{what} failed: {error}")
 
 
@@ -178,9 +178,7 @@ def promote(version: str = typer.Argument(..., help="a registered version, NAME/
     """Show the promotion checks for a version against the champion, and move `champion` if you say so."""
     _, profile = _profile(config, None)
     configure(profile.workspace)
-    from mlflow.exceptions import MlflowException
-
-    from components.promotion import gate_checks, verdict
+    from components.promotion import crown, passed, review, verdict
     from components.tracking import Tracker, default_uri
 
     name, _, number = version.partition("/")
@@ -188,16 +186,14 @@ def promote(version: str = typer.Argument(..., help="a registered version, NAME/
         _fail(f"version {version!r}: expected NAME/VERSION, e.g. r1flow-r1/3", 2)
     tracker = Tracker(profile.tracking.tracking_uri or default_uri(profile.workspace), profile.tracking.experiment)
     with _reported("promote"):
-        try:
-            candidate = tracker.client.get_model_version(name, number)
-        except MlflowException as error:  # its message names what is missing
-            raise ValueError(f"no registered version {version}: {error}") from None
+        candidate = tracker.version(name, number)
     champion = tracker.champion(name)
-    if champion is not None and str(champion.version) == number:
+    if champion is not None and champion.version == number:
         console.print(f"{version} is already the champion.")
         return
-    checks = gate_checks(candidate.tags, champion.tags if champion else None, profile.promotion)
-    table = Table(title=f"{version} vs champion {f'v{champion.version}' if champion else '(none)'}")
+    checks = review(tracker, candidate, profile.promotion)
+    table = Table(title=f"{version} vs its parent ({candidate.tags.get('parent_model', 'not recorded')}) and "
+                  f"the champion ({champion.ref if champion else 'none yet'})")
     for column in ("check", "passed", "detail"):
         table.add_column(column)
     for check in checks:
@@ -207,8 +203,7 @@ def promote(version: str = typer.Argument(..., help="a registered version, NAME/
     console.print(f"gates failed: {', '.join(failed)}" if failed else "every gate passes")
     if not yes and not typer.confirm(f"Move champion of {name} to v{number}?", default=False):
         raise typer.Exit(1)
-    tracker.set_alias(name, "champion", number)
-    tracker.tag_version(name, number, {"promotion": "promoted by hand; " + verdict(checks)})
+    crown(tracker, candidate, by_hand=None if passed(checks) else verdict(checks))
     console.print(f"champion of {name} is now v{number}")
 
 

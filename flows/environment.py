@@ -2,7 +2,7 @@
 
 Everything generated lives in the workspace folder, never the user's home: Prefect's ephemeral
 server database included. The first ephemeral start migrates a fresh database, which takes ~25 s
-on 2 cores, over Prefect's 20 s default (FINDINGS 3).
+on 2 cores, over Prefect's 20 s default.
 """
 
 from __future__ import annotations

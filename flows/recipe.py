@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-EVALUATED = ("base", "cold_start", "r1_zero", "r1_rl", "r1", "student", "student_no_traces")
+# Every model is evaluated, the students' base too: a registered model must beat its parent.
+EVALUATED = ("base", "cold_start", "r1_zero", "r1_rl", "r1", "student_base", "student", "student_no_traces")
 REGISTERED = ("cold_start", "r1_zero", "r1_rl", "r1", "student")
 
 
@@ -20,10 +21,14 @@ class Step:
     module: str  # components.<module>
     section: str  # the profile section that configures it
     inputs: dict[str, str] = field(default_factory=dict)
-    validate: str | None = None  # a GX suite its train.jsonl must pass before anything trains on it
+    # Great Expectations suites its files must pass before anything trains on them: file -> suite
+    validate: dict[str, str] = field(default_factory=dict)
 
 
 RECIPE = (
+    # Prompts with verifiable answers (generated or imported), split and decontaminated.
+    Step("data", "data", "data",
+         validate={"train": "prompts", "validation": "prompts", "test": "eval", "cold_start": "sft"}),
     Step("base", "base", "base"),
     # R1-Zero: GRPO straight from the base, rule rewards only.
     Step("r1_zero", "grpo", "grpo", {"model": "base", "data": "data/train", "heldout": "data/validation"}),
@@ -31,7 +36,7 @@ RECIPE = (
     Step("cold_start", "sft", "cold_start", {"model": "base", "data": "data/cold_start"}),
     Step("r1_rl", "grpo", "grpo", {"model": "cold_start", "data": "data/train", "heldout": "data/validation"}),
     Step("rejection_sampling", "rejection_sampling", "rejection_sampling", {"model": "r1_rl", "data": "data/train"},
-         validate="rejection_sampled"),
+         validate={"train": "rejection_sampled"}),
     Step("r1", "sft", "sft", {"model": "base", "data": "rejection_sampling/train"}),
     # Distillation: plain SFT of a smaller student on the same traces.
     Step("student_base", "base", "student"),
@@ -42,12 +47,12 @@ RECIPE = (
     # Every model on the held-out test prompts, R1's protocol.
     *(Step(f"eval_{model}", "evaluate", "evaluate", {"model": model, "data": "data/test"}) for model in EVALUATED),
 )
-STAGES = ("data", *(step.name for step in RECIPE))
+STAGES = tuple(step.name for step in RECIPE)
 # Each registered model's parent in the lineage.
 PARENTS = {"cold_start": "base", "r1_zero": "base", "r1_rl": "cold_start", "r1": "base", "student": "student_base"}
 
 
-def step(name: str) -> Step:
+def recipe_step(name: str) -> Step:
     return next(s for s in RECIPE if s.name == name)
 
 
@@ -59,9 +64,7 @@ def check_stage(name: str) -> str:
 
 def upstream(name: str) -> set[str]:
     """Every stage whose output ``name`` reads, directly or not."""
-    if name == "data":
-        return set()
-    direct = {ref.split("/")[0] for ref in step(name).inputs.values()}
+    direct = {ref.split("/")[0] for ref in recipe_step(name).inputs.values()}
     return direct.union(*(upstream(d) for d in direct))
 
 

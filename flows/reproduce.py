@@ -11,15 +11,13 @@ GPUs, floating-point order differs and a tolerance is the honest comparison.
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from mlflow.tracking import MlflowClient
 
 from components import versioning
-from components.tracking import metric_name
+from components.tracking import Tracker, metric_name
 from flows.pipeline import code_commit, r1_pipeline
 
 
@@ -33,22 +31,20 @@ class Comparison:
         return abs(self.recorded - self.reproduced) <= tolerance
 
 
-def recorded_run(client: MlflowClient, run_id: str) -> tuple[dict, str, dict]:
+def recorded_run(tracker: Tracker, run_id: str) -> tuple[dict, str, dict]:
     """(profile, DVC pointer text, tags) of a past pipeline run; a clear error when it is not one."""
-    run = client.get_run(run_id)
-    if "mlflow.parentRunId" in run.data.tags or "data_hash" not in run.data.tags:
+    run = tracker.run(run_id)
+    if "mlflow.parentRunId" in run.tags or "data_hash" not in run.tags:
         raise ValueError(f"run {run_id} is not a completed r1flow pipeline run (no data_hash tag)")
-    with tempfile.TemporaryDirectory() as folder:
-        profile = json.loads(Path(client.download_artifacts(run_id, "profile.json", folder)).read_text())
-        pointer = Path(client.download_artifacts(run_id, "data.dvc", folder)).read_text()
-    return profile, pointer, run.data.tags
+    return json.loads(tracker.read_artifact(run_id, "profile.json")), tracker.read_artifact(run_id, "data.dvc"), \
+        run.tags
 
 
 def rerun(run_id: str, root: Path, tracking_uri: str) -> tuple[dict, list[Comparison], list[str]]:
     """Restore the run's data, run its profile, compare its metrics; returns (summary, comparisons,
     warnings about what differs from the original run's circumstances)."""
-    client = MlflowClient(tracking_uri)
-    profile, pointer, tags = recorded_run(client, run_id)
+    tracker = Tracker(tracking_uri, "r1flow")
+    profile, pointer, tags = recorded_run(tracker, run_id)
     warnings = []
     now = code_commit()
     if tags.get("git_commit") and now.get("git_commit") != tags["git_commit"]:
@@ -66,8 +62,8 @@ def rerun(run_id: str, root: Path, tracking_uri: str) -> tuple[dict, list[Compar
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(profile, sort_keys=False))
     summary = r1_pipeline(config=str(config), root=str(root), restored=str(root / profile["data_dir"]),
-                                reproduces=run_id)
-    recorded = client.get_run(run_id).data.metrics
+                          reproduces=run_id)
+    recorded = tracker.run(run_id).metrics
     comparisons = [Comparison(f"{role}.{key}", recorded[name], float(value))
                    for role, metrics in summary["metrics"].items() for key, value in metrics.items()
                    if (name := metric_name(f"{role}.{key}")) in recorded]

@@ -1,9 +1,11 @@
 """Stage folders keyed by content, and launching a stage as its own process.
 
-A stage's output lives in ``<workspace>/stages/<name>/<key>``, where the key hashes the stage
-config, the keys of its inputs and the code version of the component (its module and every
-``components`` module it imports). It is written in a temporary folder and renamed into place
-when complete, so a folder that exists is whole, and the same key means the same result.
+A stage's output lives in ``<workspace>/stages/<name>/<key>``, where the key hashes what changes
+the output and nothing else: the stage's config values (defaults included), the keys of its
+inputs, the code that runs (the component's module and every ``components`` module it imports,
+the config schema aside) and the runtime settings that change results. It is written in a
+temporary folder and renamed into place when complete, so a folder that exists is whole, and the
+same key means the same result. ``StageOutput`` is what every stage leaves, however it ran.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from components.config import Profile, Section, content_hash
 from components.stage_io import StageSpec
+from flows.forkserver import ForkServer
+from flows.recipe import RECIPE, Step
 
 COMPONENTS = Path(__file__).resolve().parents[1] / "components"
 DISTRIBUTED = ("sft", "grpo")  # the components `accelerate launch` starts; the rest run as one process
@@ -41,10 +45,61 @@ class Artifact:
     key: str
 
 
+@dataclass(frozen=True)
+class StageOutput:
+    """What a stage left: its keyed folder, whether it was reused, its MLflow run, its result."""
+
+    name: str
+    folder: Path
+    key: str
+    cached: bool
+    run_id: str | None = None
+    result: dict = field(default_factory=dict)
+
+    def artifact(self, file: str | None = None) -> Artifact:
+        """Its model folder, or one of the JSONL files it wrote, as another stage's input."""
+        if file is None:
+            return Artifact(str(self.folder / "model"), self.key)
+        return Artifact(str(self.folder / f"{file}.jsonl"), f"{self.key}/{file}")
+
+
+def read_result(folder: Path) -> dict:
+    return json.loads((folder / "result.json").read_text())
+
+
+def section(profile: Profile, step: Step) -> Section:
+    return getattr(profile, step.section)
+
+
+def inputs_of(step: Step, outputs: dict[str, StageOutput], profile: Profile) -> dict[str, Artifact]:
+    """A recipe step's inputs: ``"stage"`` is that stage's model folder, ``"stage/file"`` its
+    ``file.jsonl``; the data stage's are the benchmark files a profile imports, keyed by content."""
+    if step.module == "data":
+        files = {"train": profile.data.train_path, "test": profile.data.test_path}
+        return {name: Artifact(str(path), file_digest(path)) for name, path in files.items() if path is not None}
+    refs = {name: ref.partition("/") for name, ref in step.inputs.items()}
+    return {name: outputs[stage].artifact(file or None) for name, (stage, _, file) in refs.items()}
+
+
+def planned_keys(profile: Profile) -> dict[str, str]:
+    """Every stage's key for a profile, computed without running anything."""
+    outputs: dict[str, StageOutput] = {}
+    for step in RECIPE:
+        key = stage_key(step.module, section(profile, step), inputs_of(step, outputs, profile), profile)
+        outputs[step.name] = StageOutput(step.name, Path(), key, cached=False)
+    return {name: out.key for name, out in outputs.items()}
+
+
+# The config schema is not code that runs: a stage's config *values* (defaults included) are in
+# its key already, so an edit to a help string or another section's fields must change no key.
+SCHEMA = "config"
+
+
 @cache
 def code_version(module: str) -> str:
-    """Hash of a component module and the ``components`` modules it imports, transitively."""
-    seen: set[str] = set()
+    """Hash of a component module and the ``components`` modules it imports, transitively
+    (the config schema aside)."""
+    seen: set[str] = {SCHEMA}
     pending = [module]
     digest = hashlib.sha256()
     while pending:
@@ -150,20 +205,20 @@ def run_stage(name: str, module: str, config: Section, inputs: dict[str, Artifac
                      inputs={k: v.path for k, v in inputs.items()}, seed=profile.seed,
                      device=profile.runtime.device, prompt_template=profile.prompt_template,
                      generation_backend=profile.runtime.generation_backend, checkpoints=checkpoints)
-    command = launch_command(module, spec.write(tmp / "spec.json"), profile)
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    if profile.runtime.device == "cpu" or (profile.runtime.device == "auto" and not _has_cuda()):
-        env["DS_ACCELERATOR"] = "cpu"
+    spec_path = spec.write(tmp / "spec.json")
+    on_cpu = profile.runtime.device == "cpu" or (profile.runtime.device == "auto" and not _has_cuda())
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           **({"DS_ACCELERATOR": "cpu"} if on_cpu else {})}
     log_path = tmp / "stage.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            _follow(process, name, tmp / "metrics.jsonl", total_steps)
-        except BaseException:  # Ctrl-C or a cancelled flow: stop the stage, leave no half-written folder
-            process.kill()
-            process.wait()
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    log_path.touch()
+    process = _start(module, spec_path, log_path, profile, env, warm=on_cpu)
+    try:
+        _follow(process, name, tmp / "metrics.jsonl", total_steps)
+    except BaseException:  # Ctrl-C or a cancelled flow: stop the stage, leave no half-written folder
+        process.kill()
+        process.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if process.returncode != 0 or not (tmp / "result.json").exists():
         logs = workspace / "logs"
         logs.mkdir(exist_ok=True)
@@ -175,6 +230,39 @@ def run_stage(name: str, module: str, config: Section, inputs: dict[str, Artifac
     install(tmp, final)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return final, key, False
+
+
+_FORK_SERVERS: dict[tuple, ForkServer] = {}
+PRELOAD = [f"components.{m}" for m in ("data", "base", "sft", "grpo", "rejection_sampling", "evaluate")]
+
+
+def _start(module: str, spec: Path, log: Path, profile: Profile, env: dict, warm: bool):
+    """The stage's process: forked from a warm server for CPU stages in this environment (the
+    imports paid once per run, not per stage), else a plain ``python -m`` or ``accelerate launch``."""
+    if warm and profile.runtime.launcher == "python" and profile.runtime.stage_python is None:
+        server = _fork_server(env)
+        if server.busy.acquire(blocking=False):  # another stage is running on it: start a plain one
+            try:
+                return server.launch(f"components.{module}", spec, log, env)
+            except BaseException:
+                server.busy.release()
+                raise
+    with log.open("w") as out:
+        return subprocess.Popen(launch_command(module, spec, profile), stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def _fork_server(env: dict) -> ForkServer:
+    """The fork server for this environment and this source of the components, started on first
+    use and replaced when either changed (an edited component is never run from a stale import)."""
+    source = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(COMPONENTS.glob("*.py")))
+    identity = (sys.executable, content_hash(env), source)
+    server = _FORK_SERVERS.get(identity)
+    if server is None or not server.alive():
+        for old in _FORK_SERVERS.values():
+            old.close()
+        _FORK_SERVERS.clear()
+        server = _FORK_SERVERS[identity] = ForkServer(sys.executable, env, PRELOAD)
+    return server
 
 
 @cache
@@ -191,7 +279,7 @@ def _follow(process: subprocess.Popen, name: str, metrics: Path, total: int | No
     with Progress(*columns, transient=True, disable=not sys.stderr.isatty()) as progress:
         bar = progress.add_task(name, total=total)
         while process.poll() is None:
-            time.sleep(1.0)
+            time.sleep(0.2)  # a small stage takes a few seconds: poll often
             if metrics.exists():
                 lines = metrics.read_text().splitlines()
                 try:

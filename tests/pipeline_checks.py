@@ -9,11 +9,12 @@ from transformers import AutoModelForCausalLM
 
 STAGES = {"data", "base", "r1_zero", "cold_start", "r1_rl", "rejection_sampling", "r1", "student_base", "student",
           "student_no_traces"}
-MODELS = {"base", "cold_start", "r1_zero", "r1_rl", "r1", "student", "student_no_traces"}
+MODELS = {"base", "cold_start", "r1_zero", "r1_rl", "r1", "student_base", "student", "student_no_traces"}
 EVALS = {f"eval_{m}" for m in MODELS}
 REGISTERED = ["r1flow-cold-start", "r1flow-r1-zero", "r1flow-r1-rl", "r1flow-r1", "r1flow-student"]
-LINEAGE_TAGS = {"config_hash", "code_version", "git_commit", "parent_model", "eval_run_id", "eval_key", "pass_at_1",
-                "stage_key", "format_rate", "data_validation", "training_health", "data_hash", "promotion"}
+LINEAGE_TAGS = {"config_hash", "code_version", "git_commit", "parent_model", "parent_eval_run_id", "eval_run_id",
+                "eval_key", "pass_at_1", "stage_key", "format_rate", "data_validation", "training_health", "data_hash",
+                "promotion"}
 
 
 def child_runs(summary: dict) -> dict:
@@ -49,16 +50,19 @@ def check_report(summary: dict) -> None:
 
 
 def check_registry(summary: dict) -> None:
-    """Each trained model registered once, champion and candidate, with lineage, loadable by transformers."""
+    """Each trained model registered once as candidate, with lineage and a promotion verdict that
+    compared it with its parent; champion exactly where the verdict says so; loadable by transformers."""
     client = MlflowClient(summary["tracking_uri"])
     for name in REGISTERED:
-        champion = client.get_model_version_by_alias(name, "champion")
         candidate = client.get_model_version_by_alias(name, "candidate")
-        assert str(champion.version) == str(candidate.version) == "1"
-        assert LINEAGE_TAGS <= set(champion.tags) and champion.tags["data_hash"] == summary["data_hash"]
-        assert champion.tags["promotion"] == "promoted to champion"
-    r1_rl = client.get_model_version_by_alias("r1flow-r1-rl", "champion")
+        assert str(candidate.version) == "1"
+        assert LINEAGE_TAGS <= set(candidate.tags) and candidate.tags["data_hash"] == summary["data_hash"]
+        verdict = candidate.tags["promotion"]
+        assert "beats its parent" in verdict  # the first version of a name needs evidence too
+        champion = {v.version for v in client.search_model_versions(f"name = '{name}'") if "champion" in v.aliases}
+        assert champion == ({"1"} if verdict.startswith("promoted to champion") else set())
+    r1_rl = client.get_model_version_by_alias("r1flow-r1-rl", "candidate")
     assert r1_rl.tags["parent_model"] == "r1flow-cold-start/1"  # lineage names the parent's version
-    source = client.get_model_version_by_alias("r1flow-r1", "champion").source  # file:// or the server's store
+    source = client.get_model_version_by_alias("r1flow-r1", "candidate").source  # file:// or the server's store
     folder = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=summary["tracking_uri"])
     assert AutoModelForCausalLM.from_pretrained(folder).num_parameters() > 0

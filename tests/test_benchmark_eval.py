@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from components import versioning
-from components.benchmarks import load_jsonl
+from components.jsonl import load_jsonl
 from components.tracking import Tracker, default_uri
 
 MICRO = str(Path(__file__).parents[1] / "configs" / "micro.yaml")

@@ -16,11 +16,10 @@ from components.benchmarks import (
     import_countdown,
     import_gsm8k,
     import_math,
-    load_jsonl,
     ngrams,
-    write_jsonl,
 )
 from components.evaluate import grade
+from components.jsonl import load_jsonl, write_jsonl
 from components.rewards import is_correct
 
 SOURCES = Path(__file__).parents[1] / "sources"  # the public files the project ships (gzipped)

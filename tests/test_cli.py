@@ -31,4 +31,4 @@ def test_the_recipe_graph_knows_what_a_stage_reads_and_what_reads_it():
                                         "eval_cold_start", "eval_r1_rl", "eval_r1", "eval_student",
                                         "eval_student_no_traces"}
     assert downstream("eval_r1") == set() and upstream("base") == set()
-    assert STAGES[0] == "data" and len(STAGES) == len(set(STAGES)) == 17
+    assert STAGES[0] == "data" and len(STAGES) == len(set(STAGES)) == 18  # eval_student_base too

@@ -34,6 +34,20 @@ def first_run(tmp_path_factory):
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def champions(first_run):
+    """Every registered model's first version made champion by hand, as `r1flow promote --yes`
+    does: planted, so the tests below know where every champion must stay."""
+    from components.promotion import crown
+    from components.tracking import Tracker
+
+    _, summary = first_run
+    tracker = Tracker(summary["tracking_uri"], "r1flow")
+    for name in REGISTERED:
+        crown(tracker, tracker.version(name, "1"), by_hand="planted by the test")
+    return {name: "1" for name in REGISTERED}
+
+
 def test_parent_run_with_one_child_per_stage(first_run):
     _, summary = first_run
     check_runs(summary)
@@ -129,22 +143,26 @@ def test_only_runs_one_stage_on_cached_inputs_and_names_a_missing_one(first_run)
                    root=str(root))
 
 
-def test_a_regressed_model_stays_candidate_with_the_reason_logged(first_run):
+def test_a_regressed_model_stays_candidate_with_the_reason_logged(first_run, champions):
     from flows.pipeline import r1_pipeline
 
     root, summary = first_run
     client = MlflowClient(summary["tracking_uri"])
-    before = client.get_model_version_by_alias("r1flow-r1", "champion").version
-    # R1's SFT cut to one step: an undertrained r1, worse on purpose.
-    worse = r1_pipeline(config=MICRO, overrides=["runtime.device=cpu", "sft.max_steps=1"], root=str(root))
+    # R1's SFT made to learn nothing (one step at lr 1e-30 moves no float32 weight by a representable amount):
+    # the same model as its parent, so its evaluation is its parent's, sample for sample. Planted:
+    # no CPU's floating-point order can turn that into a gain.
+    worse = r1_pipeline(config=MICRO, overrides=["runtime.device=cpu", "sft.max_steps=1", "sft.learning_rate=1e-30"],
+                        root=str(root))
     version = worse["versions"]["r1"]
     assert version["new"] and not version["champion"]
-    assert client.get_model_version_by_alias("r1flow-r1", "champion").version == before
+    assert worse["metrics"]["r1"] == worse["metrics"]["base"]
+    assert client.get_model_version_by_alias("r1flow-r1", "champion").version == champions["r1flow-r1"]
     reason = client.get_model_version("r1flow-r1", version["version"]).tags["promotion"]
-    assert reason.startswith("kept as candidate: primary metric")
+    assert reason.startswith("kept as candidate: beats its parent: +0.000 pass@1")
+    assert "beats the champion:" in reason
 
 
-def test_a_failing_stage_leaves_every_champion_in_place(first_run):
+def test_a_failing_stage_leaves_every_champion_in_place(first_run, champions):
     from flows.pipeline import r1_pipeline
     from flows.stages import StageFailed
 
@@ -157,7 +175,7 @@ def test_a_failing_stage_leaves_every_champion_in_place(first_run):
     assert {name: client.get_model_version_by_alias(name, "champion").version for name in REGISTERED} == before
 
 
-def test_bad_traces_stop_the_flow_before_training_on_them(first_run):
+def test_bad_traces_stop_the_flow_before_training_on_them(first_run, champions):
     from flows.pipeline import r1_pipeline
 
     root, summary = first_run

@@ -4,12 +4,16 @@ from pathlib import Path
 import pytest
 
 from components.config import ModelConfig, load_profile
-from flows.stages import Artifact, StageFailed, code_version, run_stage, stage_key
+from flows.recipe import STAGES
+from flows.stages import Artifact, StageFailed, code_version, planned_keys, run_stage, stage_key
 
 ACCELERATE = Path(__file__).parents[1] / "configs" / "accelerate" / "zero2.yaml"
+DEFAULT = Path(__file__).parents[1] / "configs" / "default.yaml"
 
 
-def test_code_version_follows_imports(monkeypatch, tmp_path):
+@pytest.fixture
+def components_copy(monkeypatch, tmp_path):
+    """An editable copy of ``components/`` that code versions are read from."""
     import shutil
 
     from flows import stages
@@ -17,14 +21,62 @@ def test_code_version_follows_imports(monkeypatch, tmp_path):
     copy = tmp_path / "components"
     shutil.copytree(stages.COMPONENTS, copy)
     monkeypatch.setattr(stages, "COMPONENTS", copy)
-    before = {m: code_version.__wrapped__(m) for m in ("grpo", "evaluate")}
-    (copy / "sft.py").write_text((copy / "sft.py").read_text() + "\n# changed\n")
-    assert code_version.__wrapped__("grpo") != before["grpo"]  # grpo imports sft's helpers
-    assert code_version.__wrapped__("evaluate") == before["evaluate"]  # evaluate does not
-    sft = code_version.__wrapped__("sft")
-    (copy / "generation.py").write_text((copy / "generation.py").read_text() + "\n# changed\n")
-    assert code_version.__wrapped__("evaluate") != before["evaluate"]  # evaluate imports generation
-    assert code_version.__wrapped__("sft") == sft  # sft does not
+    code_version.cache_clear()
+    yield copy
+    code_version.cache_clear()
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def _changed_keys(edit, copy: Path) -> set[str]:
+    """The stages of the default profile whose key an edit of the components changes."""
+    profile = load_profile(DEFAULT)
+    before = planned_keys(profile)
+    edit(copy)
+    code_version.cache_clear()
+    after = planned_keys(profile)
+    assert set(before) == set(STAGES)
+    return {name for name in before if before[name] != after[name]}
+
+
+def test_code_version_follows_imports(components_copy):
+    before = {m: code_version(m) for m in ("sft", "grpo", "evaluate")}
+    _edit(components_copy / "trainer.py", '"""What every TRL trainer', '"""Edited: what every TRL trainer')
+    code_version.cache_clear()
+    assert code_version("grpo") != before["grpo"] and code_version("sft") != before["sft"]  # both train with it
+    assert code_version("evaluate") == before["evaluate"]  # evaluate does not
+    grpo = code_version("grpo")
+    _edit(components_copy / "sft.py", "def run(spec: StageSpec)", "def run(spec: StageSpec)  ")
+    code_version.cache_clear()
+    assert code_version("grpo") == grpo  # the SFT stage's own code is not GRPO's
+    sft = code_version("sft")
+    _edit(components_copy / "generation.py", "from __future__", "# edited\nfrom __future__")
+    code_version.cache_clear()
+    assert code_version("evaluate") != before["evaluate"]  # evaluate imports generation
+    assert code_version("sft") == sft  # sft does not
+
+
+def test_a_help_string_of_the_config_schema_changes_no_stage_key(components_copy):
+    edit = lambda copy: _edit(copy / "config.py", 'description="share of well-formed eval samples"',
+                              'description="the share of eval samples that are well-formed"')
+    assert _changed_keys(edit, components_copy) == set()
+
+
+def test_an_edit_to_the_accuracy_reward_changes_only_what_grades_with_it_and_downstream(components_copy):
+    edit = lambda copy: _edit(copy / "rewards.py", "def accuracy_reward(", "def accuracy_reward(  # edited\n")
+    changed = _changed_keys(edit, components_copy)
+    assert changed == {"r1_zero", "r1_rl", "rejection_sampling", "r1", "student", "student_no_traces",
+                       *(s for s in STAGES if s.startswith("eval_"))}
+    assert not changed & {"data", "base", "cold_start", "student_base"}
+
+
+def test_an_edit_to_the_pretraining_loop_changes_the_bases_and_what_descends_from_them(components_copy):
+    edit = lambda copy: _edit(copy / "base.py", "def pretrain(", "def pretrain(  # edited\n")
+    assert _changed_keys(edit, components_copy) == set(STAGES) - {"data"}
 
 
 def test_stage_key_depends_on_config_inputs_and_seed():

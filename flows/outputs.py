@@ -1,0 +1,53 @@
+"""What a stage's output leaves in MLflow, and the Great Expectations suites its datasets pass.
+
+One shape for every stage, however it ran (here, on a worker, restored from DVC): its child
+run gets the stage key, whether it was a cache hit and the code version; a fresh output also its
+training curve and files; an evaluation always its per-sample records, which promotion compares.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from components.tracking import Tracker
+from flows.recipe import Step
+from flows.stages import StageOutput, code_version
+
+FILES = ("result.json", "metrics.json", "samples.jsonl", "stage.log")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """A stage's ``metrics.jsonl`` (one row per logged step)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def record(tracker: Tracker, out: StageOutput, step: Step) -> None:
+    """Tags, metrics and files of a stage output on its MLflow run."""
+    tracker.set_tags(out.run_id, {"stage_key": out.key, "cached": out.cached, "code_version": code_version(step.module)})
+    if not out.cached:  # a cache hit's curves and files are already on the run that produced them
+        tracker.log_metrics_file(out.run_id, out.folder / "metrics.jsonl")
+        for name in FILES:
+            if (out.folder / name).exists():
+                tracker.log_artifact(out.run_id, out.folder / name)
+    elif step.module == "evaluate":  # promotion reads an evaluation's samples from the run it names
+        tracker.log_artifact(out.run_id, out.folder / "samples.jsonl")
+    result = out.result
+    tracker.log_metrics(out.run_id, {**result, **result.get("metrics", {})})
+
+
+def validate(tracker: Tracker, out: StageOutput, step: Step, workspace: Path, source: str) -> None:
+    """Each dataset of the output through its suite, before any stage trains on it; a failure
+    raises naming the dataset, expectation and rows. A report exists only for a dataset that
+    passed, so a cached output validated once is done."""
+    for file, suite in step.validate.items():
+        path = workspace / "logs" / f"validation-{out.name}-{file}-{out.key}.json"
+        dataset = out.folder / f"{file}.jsonl"
+        if path.exists() or (file == "validation" and not dataset.read_text().strip()):
+            continue  # validated already, or an empty validation split (n_validation: 0)
+        from components.validate import validate_file  # Great Expectations: seconds to import
+
+        report = validate_file(dataset, suite, name=f"{source}/{file}" if out.name == "data" else suite)
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+        tracker.log_artifact(out.run_id, path, "validation")
