@@ -24,6 +24,7 @@ from components.tracking import NotFound, Tracker, VersionRecord
 
 # Collapse signals TRL's GRPOTrainer logs, and which side of the threshold is bad.
 COLLAPSE_SIGNALS = {
+    "kl": ("max_kl", ">"),  # the policy ran far from where it started
     "frac_reward_zero_std": ("max_zero_std_share", ">"),  # groups with no reward spread: no learning signal
     "completions/clipped_ratio": ("max_clipped_ratio", ">"),  # completions cut at the length limit
     "entropy": ("min_entropy", "<"),  # the policy stopped exploring

@@ -156,7 +156,7 @@ def test_a_regressed_model_stays_candidate_with_the_reason_logged(first_run, cha
     version = worse["versions"]["r1"]
     assert version["new"] and not version["champion"]
     assert worse["metrics"]["r1"] == worse["metrics"]["base"]
-    assert client.get_model_version_by_alias("r1flow-r1", "champion").version == champions["r1flow-r1"]
+    assert str(client.get_model_version_by_alias("r1flow-r1", "champion").version) == champions["r1flow-r1"]
     reason = client.get_model_version("r1flow-r1", version["version"]).tags["promotion"]
     assert reason.startswith("kept as candidate: beats its parent: +0.000 pass@1")
     assert "beats the champion:" in reason

@@ -21,7 +21,7 @@ from components.promotion import (
 )
 from components.tracking import Tracker
 
-GATE = PromotionConfig(min_format_rate=0.9, patience=3)
+GATE = PromotionConfig(min_format_rate=0.9, patience=3, min_entropy=0.02)
 OK_TAGS = {"format_rate": "0.98", "data_validation": "passed", "training_health": "ok"}
 PROMPTS = [f"p{i}" for i in range(200)]
 CURVES = Path(__file__).parent / "data"
@@ -117,6 +117,21 @@ def test_a_clear_paired_gain_is_promoted_and_plus_one_point_is_not(registry):
 
 def _curve(name: str) -> list[dict]:
     return [json.loads(line) for line in (CURVES / name).read_text().splitlines()]
+
+
+def test_logged_collapses_are_blocked_and_logged_convergence_passes():
+    """Real curves of the default profile's GRPO (seed 0): collapses planted with a learning rate
+    far too high (test pass@1 0.000 and 0.001), and two healthy runs (0.777 and 0.953) whose entropy
+    was low, whose reward groups were mostly all right, and whose reward rose or stayed high."""
+    default = PromotionConfig()
+    for collapsed in ("grpo-collapse-lr2e-3.jsonl", "grpo-collapse-lr5e-4.jsonl"):
+        problems = training_health(_curve(collapsed), default)
+        assert len(problems) == 1 and problems[0].startswith("kl > 0.3 for 3 logged steps"), collapsed
+    for healthy in ("grpo-healthy-r1_zero.jsonl", "grpo-healthy-r1_rl.jsonl"):
+        assert training_health(_curve(healthy), default) == [], healthy
+    # The gate as it was (entropy < 0.02, whatever the reward did) blocked the run's best model.
+    before = PromotionConfig(min_entropy=0.02, min_reward_gain=10)
+    assert training_health(_curve("grpo-healthy-r1_rl.jsonl"), before)[0].startswith("entropy < 0.02")
 
 
 def test_training_health_flags_nan_loss_and_a_collapse_with_a_stalled_reward():
