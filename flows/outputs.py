@@ -1,4 +1,5 @@
-"""What a stage's output leaves in MLflow, and the Great Expectations suites its datasets pass.
+"""What a stage's output leaves in MLflow, the Great Expectations suites its datasets pass, and
+the run's report (the eval table across the lineage and the GRPO curves).
 
 One shape for every stage, however it ran (here, on a worker, restored from DVC): its child
 run gets the stage key, whether it was a cache hit and the code version; a fresh output also its
@@ -10,8 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from components.tracking import Tracker
-from flows.recipe import Step
+from prefect.artifacts import create_markdown_artifact
+
+from components.reports import eval_table, plot_curves
+from components.tracking import Tracker, metric_name
+from flows.recipe import EVALUATED, Step
 from flows.stages import StageOutput, code_version
 
 FILES = ("result.json", "metrics.json", "samples.jsonl", "stage.log")
@@ -51,3 +55,22 @@ def validate(tracker: Tracker, out: StageOutput, step: Step, workspace: Path, so
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
         tracker.log_artifact(out.run_id, path, "validation")
+
+
+def report(ctx, outputs: dict[str, StageOutput], versions: dict[str, dict]) -> dict[str, dict]:
+    """The eval table across the lineage and the GRPO training curves: a Prefect markdown
+    artifact, and files on the MLflow parent run (``report/``). Returns the table."""
+    table = {role: outputs[f"eval_{role}"].result["metrics"] for role in EVALUATED if f"eval_{role}" in outputs}
+    folder = ctx.workspace / "reports" / ctx.parent_run
+    markdown = eval_table(table, versions, ctx.profile.evaluate.k)
+    curves = {name: read_metrics(outputs[name].folder / "metrics.jsonl") for name in ("r1_zero", "r1_rl")
+              if name in outputs}
+    plots = plot_curves(curves, folder)
+    (folder / "eval_table.md").write_text(markdown + "\n")
+    ctx.tracker.log_artifact(ctx.parent_run, folder, "report")
+    create_markdown_artifact(markdown + "\n\nTraining curves (reward, accuracy, KL, completion length): "
+                             f"MLflow run {ctx.parent_run}, `report/` ({', '.join(p.name for p in plots)}).",
+                             key="r1flow-eval", description="evaluation across the lineage")
+    ctx.tracker.log_metrics(ctx.parent_run, {f"{role}.{metric_name(k)}": v for role, m in table.items()
+                                             for k, v in m.items()})
+    return table

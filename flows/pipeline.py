@@ -6,8 +6,8 @@
 Tasks only wire components: each stage runs as its own process over files (``flows.stages``),
 and what passes between tasks is ``StageOutput`` records (folders and content keys), never
 models. Each way of running reads on its own: ``run_stages`` (a whole run, ``--from``),
-``rerun_stages`` (``r1flow rerun``: data restored from DVC), ``run_only`` (``--only``, the
-per-stage deployments) and ``remote_stage`` (a GPU stage sent to a worker).
+``restore_data`` then ``run_stages`` (``r1flow rerun``), ``run_only`` (``--only``, the per-stage
+deployments) and ``remote_stage`` (a GPU stage sent to a worker, ``flows.remote``).
 """
 
 from __future__ import annotations
@@ -16,36 +16,32 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as prefect_run
 from prefect.states import Completed, State
 
-from components import promotion, versioning
+from components import versioning
 from components.config import Profile, content_hash, load_profile
-from components.reports import eval_table, plot_curves
-from components.tracking import Tracker, VersionRecord, default_uri, metric_name
-from flows.outputs import read_metrics, record, validate
+from components.tracking import Tracker, default_uri
+from flows.outputs import record, report, validate
 from flows.recipe import (
-    EVALUATED,
-    PARENTS,
     RECIPE,
-    REGISTERED,
     Step,
     check_stage,
     downstream,
     recipe_step,
     upstream,
 )
+from flows.registry import register
+from flows.remote import remote_stage, sent_to_gpu
 from flows.stages import (
     Artifact,
-    StageFailed,
     StageOutput,
-    code_version,
+    cached_output,
     inputs_of,
     install,
     read_result,
@@ -58,10 +54,6 @@ from flows.stages import (
 
 TRAINING_STEPS = {"base": "pretrain_steps", "sft": "max_steps", "grpo": "max_steps"}
 PROJECT = Path(__file__).resolve().parents[1]
-
-
-class MissingInput(FileNotFoundError):
-    """``--only``: a stage's input has no cached output for this profile."""
 
 
 @dataclass
@@ -87,7 +79,7 @@ def stage(ctx: Context, step: Step, inputs: dict[str, Artifact], force: bool = F
     config, started = section(ctx.profile, step), time.time()
     with ctx.tracker.child_run(step.name, ctx.parent_run, {"component": step.module}, run_id) as run:
         ctx.tracker.log_params(run, {step.name: config.model_dump(mode="json"),
-                                        "inputs": {k: v.path for k, v in inputs.items()}})
+                                     "inputs": {k: v.path for k, v in inputs.items()}})
         steps = getattr(config, TRAINING_STEPS.get(step.module, ""), None)
         folder, key, cached = run_stage(step.name, step.module, config, inputs, ctx.profile, ctx.workspace, steps,
                                         force=force)
@@ -102,44 +94,6 @@ def stage(ctx: Context, step: Step, inputs: dict[str, Artifact], force: bool = F
 
 def value(task_result: StageOutput | State) -> StageOutput:
     return task_result.result() if isinstance(task_result, State) else task_result
-
-
-def lookup(ctx: Context, step: Step, inputs: dict[str, Artifact]) -> StageOutput:
-    """A stage's cached output, without running anything (``--only``'s inputs)."""
-    key = stage_key(step.module, section(ctx.profile, step), inputs, ctx.profile)
-    folder = stage_folder(ctx.workspace, step.name, key)
-    if not (folder / "result.json").exists():
-        raise MissingInput(f"input stage {step.name!r} has no cached output for this profile ({folder}); "
-                           f"run `r1flow run` (or `--only {step.name}`) first")
-    return StageOutput(step.name, folder, key, True, None, read_result(folder))
-
-
-def remote_stage(ctx: Context, step: Step, inputs: dict[str, Artifact], force: bool) -> StageOutput:
-    """Send a stage to the GPU work pool's deployment, logging into an MLflow run made here, wait
-    for it, then read its keyed output (the workspace is shared storage)."""
-    from prefect.deployments import run_deployment
-    from prefect.exceptions import ObjectNotFound
-
-    started = time.time()
-    deployment = ctx.profile.runtime.gpu_deployment.format(stage=step.name)
-    with ctx.tracker.child_run(step.name, ctx.parent_run, {"component": step.module}) as run_id:
-        try:
-            run = run_deployment(deployment, timeout=None, flow_run_name=step.name,
-                                 parameters={**ctx.source, "stage": step.name, "run_id": run_id, "force": force})
-        except ObjectNotFound:
-            raise StageFailed(f"stage {step.name!r}: no Prefect deployment {deployment!r} on the server "
-                              "(runtime.gpu_deployment); `r1flow deploy` registers infra/prefect.yaml") from None
-        if not run.state.is_completed():
-            raise StageFailed(f"stage {step.name!r} on deployment {deployment!r} ended {run.state.name}: "
-                              f"{run.state.message or 'see the Prefect UI'}")
-    ctx.seconds[step.name] = time.time() - started
-    cached = ctx.tracker.run(run_id).tags.get("cached") == "True"
-    return replace(lookup(ctx, step, inputs), cached=cached, run_id=run_id)
-
-
-def sent_to_gpu(ctx: Context, step: Step) -> bool:
-    runtime = ctx.profile.runtime
-    return runtime.gpu_deployment is not None and step.module in runtime.gpu_components
 
 
 # --- the ways to run ------------------------------------------------------------------------
@@ -178,7 +132,7 @@ def run_only(ctx: Context, name: str, force: bool, run_id: str | None) -> StageO
     outputs = {}
     for s in RECIPE:
         if s.name in upstream(name):
-            outputs[s.name] = lookup(ctx, s, inputs_of(s, outputs, ctx.profile))
+            outputs[s.name] = cached_output(s, inputs_of(s, outputs, ctx.profile), ctx.profile, ctx.workspace)
     target = recipe_step(name)
     return value(stage(ctx, target, inputs_of(target, outputs, ctx.profile), force, run_id))
 
@@ -280,68 +234,3 @@ def version_data(ctx: Context, files: dict[str, str]) -> str:
     ctx.tracker.set_tags(ctx.parent_run, {"data_hash": data_hash})
     ctx.tracker.log_artifact(ctx.parent_run, ctx.root / f"{ctx.profile.data_dir.as_posix()}.dvc")  # for reruns
     return data_hash
-
-
-@task(name="register", cache_policy=NO_CACHE)
-def register(ctx: Context, outputs: dict[str, StageOutput], data_hash: str) -> dict[str, dict]:
-    """Register each trained model once per stage key (alias ``candidate``) with its lineage; then
-    review each against its parent and the champion (``components.promotion``). ``champion``
-    moves only after every version is registered and reviewed, so a failure on the way leaves
-    every champion where it was."""
-    registered, crowned = {}, []
-    for role in (r for r in REGISTERED if f"eval_{r}" in outputs):  # parents first: lineage names their version
-        version, new = registered_version(ctx, role, outputs, data_hash, registered)
-        champion = ctx.tracker.champion(version.name)
-        registered[role] = {"name": version.name, "version": version.version, "ref": version.ref, "new": new,
-                            "champion": champion is not None and champion.version == version.version}
-        if not registered[role]["champion"]:
-            checks = promotion.review(ctx.tracker, version, ctx.profile.promotion)
-            print(f"{version.ref}: {promotion.verdict(checks)}")
-            if promotion.passed(checks):
-                crowned.append(version)
-    for version in crowned:
-        promotion.crown(ctx.tracker, version)
-        registered[next(r for r, v in registered.items() if v["ref"] == version.ref)]["champion"] = True
-    return registered
-
-
-def registered_version(ctx: Context, role: str, outputs: dict[str, StageOutput], data_hash: str,
-                       registered: dict[str, dict]) -> tuple[VersionRecord, bool]:
-    """The version registered for this role's stage output, and whether it was registered now."""
-    out, evaluation, parent = outputs[role], outputs[f"eval_{role}"], PARENTS[role]
-    name = f"{ctx.profile.tracking.registry_prefix}-{role.replace('_', '-')}"
-    found = ctx.tracker.version_by_stage_key(name, out.key)
-    if found is not None:
-        return found, False
-    tags = promotion.lineage(
-        stage_key=out.key, code_version=code_version(recipe_step(role).module), config_hash=content_hash(ctx.profile)[:16],
-        commit=ctx.commit, data_hash=data_hash, eval_run_id=evaluation.run_id, eval_key=eval_key(ctx, outputs),
-        metrics=evaluation.result["metrics"],
-        parent=registered[parent]["ref"] if parent in registered else f"{parent} (stage {outputs[parent].key})",
-        parent_eval_run_id=outputs[f"eval_{parent}"].run_id if f"eval_{parent}" in outputs else None,
-        health=promotion.training_health(read_metrics(out.folder / "metrics.jsonl"), ctx.profile.promotion))
-    return ctx.tracker.version(name, ctx.tracker.register(out.run_id, out.folder / "model", name, tags)), True
-
-
-def eval_key(ctx: Context, outputs: dict[str, StageOutput]) -> str:
-    """What makes two evaluations comparable: the protocol and the test set."""
-    return content_hash(ctx.profile.evaluate, outputs["data"].artifact("test").key)[:16]
-
-
-def report(ctx: Context, outputs: dict[str, StageOutput], versions: dict[str, dict]) -> dict[str, dict]:
-    """The eval table across the lineage and the GRPO training curves: a Prefect markdown
-    artifact, and files on the MLflow parent run (``report/``). Returns the table."""
-    table = {role: outputs[f"eval_{role}"].result["metrics"] for role in EVALUATED if f"eval_{role}" in outputs}
-    folder = ctx.workspace / "reports" / ctx.parent_run
-    markdown = eval_table(table, versions, ctx.profile.evaluate.k)
-    curves = {name: read_metrics(outputs[name].folder / "metrics.jsonl") for name in ("r1_zero", "r1_rl")
-              if name in outputs}
-    plots = plot_curves(curves, folder)
-    (folder / "eval_table.md").write_text(markdown + "\n")
-    ctx.tracker.log_artifact(ctx.parent_run, folder, "report")
-    create_markdown_artifact(markdown + "\n\nTraining curves (reward, accuracy, KL, completion length): "
-                             f"MLflow run {ctx.parent_run}, `report/` ({', '.join(p.name for p in plots)}).",
-                             key="r1flow-eval", description="evaluation across the lineage")
-    ctx.tracker.log_metrics(ctx.parent_run, {f"{role}.{metric_name(k)}": v for role, m in table.items()
-                                             for k, v in m.items()})
-    return table

@@ -37,6 +37,10 @@ class StageFailed(RuntimeError):
     """A stage process exited with an error; the message carries the tail of its log."""
 
 
+class MissingInput(FileNotFoundError):
+    """``--only``: a stage's input has no cached output for this profile."""
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A file or folder produced by a stage, with the key that identifies its content."""
@@ -79,6 +83,16 @@ def inputs_of(step: Step, outputs: dict[str, StageOutput], profile: Profile) -> 
         return {name: Artifact(str(path), file_digest(path)) for name, path in files.items() if path is not None}
     refs = {name: ref.partition("/") for name, ref in step.inputs.items()}
     return {name: outputs[stage].artifact(file or None) for name, (stage, _, file) in refs.items()}
+
+
+def cached_output(step: Step, inputs: dict[str, Artifact], profile: Profile, workspace: Path) -> StageOutput:
+    """A stage's keyed output, without running anything (``--only``'s inputs, a remote stage's output)."""
+    key = stage_key(step.module, section(profile, step), inputs, profile)
+    folder = stage_folder(workspace, step.name, key)
+    if not (folder / "result.json").exists():
+        raise MissingInput(f"input stage {step.name!r} has no cached output for this profile ({folder}); "
+                           f"run `r1flow run` (or `--only {step.name}`) first")
+    return StageOutput(step.name, folder, key, True, None, read_result(folder))
 
 
 def planned_keys(profile: Profile) -> dict[str, str]:

@@ -133,7 +133,8 @@ def test_a_grpo_change_reruns_grpo_and_downstream_only_and_from_forces_a_stage_o
 
 
 def test_only_runs_one_stage_on_cached_inputs_and_names_a_missing_one(first_run):
-    from flows.pipeline import MissingInput, stage_flow
+    from flows.pipeline import stage_flow
+    from flows.stages import MissingInput
 
     root, _ = first_run
     only = stage_flow(stage="cold_start", config=MICRO, overrides=["runtime.device=cpu"], root=str(root), force=True)

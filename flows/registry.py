@@ -1,0 +1,64 @@
+"""A run's trained models into the MLflow registry, each reviewed for ``champion``.
+
+Each model is registered once per stage key (alias ``candidate``) with its lineage; the decision
+(parent and champion compared on per-prompt scores, gates, the alias move) is
+``components.promotion``'s, the same that ``r1flow promote`` shows a person.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from components import promotion
+from components.config import content_hash
+from components.tracking import VersionRecord
+from flows.outputs import read_metrics
+from flows.recipe import PARENTS, REGISTERED, recipe_step
+from flows.stages import StageOutput, code_version
+
+
+@task(name="register", cache_policy=NO_CACHE)
+def register(ctx, outputs: dict[str, StageOutput], data_hash: str) -> dict[str, dict]:
+    """Register each trained model once per stage key (alias ``candidate``) with its lineage; then
+    review each against its parent and the champion (``components.promotion``). ``champion``
+    moves only after every version is registered and reviewed, so a failure on the way leaves
+    every champion where it was."""
+    registered, crowned = {}, []
+    for role in (r for r in REGISTERED if f"eval_{r}" in outputs):  # parents first: lineage names their version
+        version, new = registered_version(ctx, role, outputs, data_hash, registered)
+        champion = ctx.tracker.champion(version.name)
+        registered[role] = {"name": version.name, "version": version.version, "ref": version.ref, "new": new,
+                            "champion": champion is not None and champion.version == version.version}
+        if not registered[role]["champion"]:
+            checks = promotion.review(ctx.tracker, version, ctx.profile.promotion)
+            print(f"{version.ref}: {promotion.verdict(checks)}")
+            if promotion.passed(checks):
+                crowned.append(version)
+    for version in crowned:
+        promotion.crown(ctx.tracker, version)
+        registered[next(r for r, v in registered.items() if v["ref"] == version.ref)]["champion"] = True
+    return registered
+
+
+def registered_version(ctx, role: str, outputs: dict[str, StageOutput], data_hash: str,
+                       registered: dict[str, dict]) -> tuple[VersionRecord, bool]:
+    """The version registered for this role's stage output, and whether it was registered now."""
+    out, evaluation, parent = outputs[role], outputs[f"eval_{role}"], PARENTS[role]
+    name = f"{ctx.profile.tracking.registry_prefix}-{role.replace('_', '-')}"
+    found = ctx.tracker.version_by_stage_key(name, out.key)
+    if found is not None:
+        return found, False
+    tags = promotion.lineage(
+        stage_key=out.key, code_version=code_version(recipe_step(role).module), config_hash=content_hash(ctx.profile)[:16],
+        commit=ctx.commit, data_hash=data_hash, eval_run_id=evaluation.run_id, eval_key=eval_key(ctx, outputs),
+        metrics=evaluation.result["metrics"],
+        parent=registered[parent]["ref"] if parent in registered else f"{parent} (stage {outputs[parent].key})",
+        parent_eval_run_id=outputs[f"eval_{parent}"].run_id if f"eval_{parent}" in outputs else None,
+        health=promotion.training_health(read_metrics(out.folder / "metrics.jsonl"), ctx.profile.promotion))
+    return ctx.tracker.version(name, ctx.tracker.register(out.run_id, out.folder / "model", name, tags)), True
+
+
+def eval_key(ctx, outputs: dict[str, StageOutput]) -> str:
+    """What makes two evaluations comparable: the protocol and the test set."""
+    return content_hash(ctx.profile.evaluate, outputs["data"].artifact("test").key)[:16]
