@@ -1,5 +1,7 @@
 """The CLI turns what a user can get wrong into one line and a non-zero exit, before any work."""
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -32,3 +34,12 @@ def test_the_recipe_graph_knows_what_a_stage_reads_and_what_reads_it():
                                         "eval_student_no_traces"}
     assert downstream("eval_r1") == set() and upstream("base") == set()
     assert STAGES[0] == "data" and len(STAGES) == len(set(STAGES)) == 18  # eval_student_base too
+
+
+def test_every_stage_has_its_deployment():
+    """A stage the pipeline sends to `r1flow-stage/{stage}` must be deployed (infra/prefect.yaml)."""
+    import yaml
+
+    deployments = yaml.safe_load((Path(__file__).parents[1] / "infra" / "prefect.yaml").read_text())["deployments"]
+    stages = {d["parameters"]["stage"]: d["name"] for d in deployments if d["entrypoint"].endswith(":stage_flow")}
+    assert set(stages) == set(STAGES) and all(name == stage for stage, name in stages.items())

@@ -73,8 +73,11 @@ def _stage_processes(root: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_sigkill_mid_grpo_then_the_same_command_resumes_from_the_last_checkpoint(tmp_path):
+    # GRPO and what the resume can disturb: the stages before it (cached on the second run), both
+    # GRPO stages (the second must start afresh) and their evaluations and registered versions.
     command = [sys.executable, "-m", "flows.cli", "run", "--config", MICRO, "--set", "runtime.device=cpu",
-               "--set", "grpo.max_steps=40", "--set", "grpo.save_steps=5"]
+               "--set", "grpo.max_steps=40", "--set", "grpo.save_steps=5",
+               "--set", "stages=[eval_base, eval_cold_start, eval_r1_zero, eval_r1_rl]"]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     stages = tmp_path / ".r1flow" / "stages"
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
