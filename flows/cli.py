@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -81,8 +82,8 @@ def _reported(what: str):
         _fail(f"{what} failed: {error}")
 
 
-SHORT = {"greedy_accuracy": "greedy", "format_rate": "format", "language_consistency": "language",
-         "mean_length": "tokens"}  # headers that fit an 80-column terminal
+SHORT = {"greedy_accuracy": "greedy", "format_rate": "format", "language_consistency": "lang",
+         "mean_length": "tokens"}  # headers that fit an 80-column terminal (a test renders it)
 
 
 def print_summary(summary: dict, seconds: float) -> None:
@@ -98,13 +99,14 @@ def print_summary(summary: dict, seconds: float) -> None:
         console.print(f"{seconds / 60:.1f} min; MLflow run {summary['run_id']}")
         return
     table = Table(title=f"r1flow results (run {summary['run_id'][:8]}, {seconds / 60:.1f} min)",
-                  caption="version: in the MLflow registry as <prefix>-<model>; ★ champion")
+                  caption="ver: in the MLflow registry as <prefix>-<model>; ★ champion", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
     metrics = next(iter(summary["metrics"].values()))
     keys = [k for k in metrics if k != "prompts"]
     table.add_column("model", no_wrap=True)
     for key in keys:
         table.add_column(SHORT.get(key, key), justify="right")
-    table.add_column("version")
+    table.add_column("ver")
     for role, values in summary["metrics"].items():
         version = summary["versions"].get(role)
         registered = f"v{version['version']}" + (" ★" if version["champion"] else "") if version else ""

@@ -286,17 +286,45 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _follow(process: subprocess.Popen, name: str, metrics: Path, total: int | None) -> None:
-    """Show a progress bar fed by the stage's metrics log while the process runs."""
+PROGRESS_EVERY = 30.0  # seconds between progress lines where stderr is no terminal (CI, worker logs)
+
+
+def _follow(process, name: str, metrics: Path, total: int | None) -> None:
+    """While the stage runs: a progress bar in a terminal, fed by its metrics log; elsewhere (CI,
+    Prefect worker logs) a line at most every ``PROGRESS_EVERY`` seconds, so a long stage is
+    never minutes of silence."""
+    terminal = sys.stderr.isatty()
     columns = [TextColumn(f"[bold]{name}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                TimeElapsedColumn()]
-    with Progress(*columns, transient=True, disable=not sys.stderr.isatty()) as progress:
+    started = said = read = time.time()
+    with Progress(*columns, transient=True, disable=not terminal) as progress:
         bar = progress.add_task(name, total=total)
         while process.poll() is None:
-            time.sleep(0.2)  # a small stage takes a few seconds: poll often
-            if metrics.exists():
-                lines = metrics.read_text().splitlines()
-                try:
-                    progress.update(bar, completed=json.loads(lines[-1]).get("step", 0) if lines else 0)
-                except json.JSONDecodeError:  # a line being written right now
-                    pass
+            time.sleep(0.2)  # a small stage takes a few seconds: poll often, read the log once a second
+            if time.time() - read < 1:
+                continue
+            read = time.time()
+            rows = _rows(metrics)
+            progress.update(bar, completed=rows[-1].get("step", 0) if rows else 0)
+            if not terminal and read - said >= PROGRESS_EVERY:
+                print(progress_line(name, rows, total, read - started), file=sys.stderr, flush=True)
+                said = read
+
+
+def _rows(metrics: Path) -> list[dict]:
+    rows = []
+    for line in metrics.read_text().splitlines() if metrics.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written right now
+            break
+    return rows
+
+
+def progress_line(name: str, rows: list[dict], total: int | None, seconds: float) -> str:
+    """``r1_zero: step 15/40, 1m32s, reward 0.548``: where a stage is, and its latest reward or loss."""
+    step = rows[-1].get("step", 0) if rows else 0
+    latest = next(((key, row[key]) for row in reversed(rows) for key in ("reward", "loss") if key in row), None)
+    minutes, secs = divmod(int(seconds), 60)
+    return (f"{name}: step {step}/{total or '?'}, {minutes}m{secs:02d}s"
+            + (f", {latest[0]} {latest[1]:.4g}" if latest else ""))

@@ -43,3 +43,24 @@ def test_every_stage_has_its_deployment():
     deployments = yaml.safe_load((Path(__file__).parents[1] / "infra" / "prefect.yaml").read_text())["deployments"]
     stages = {d["parameters"]["stage"]: d["name"] for d in deployments if d["entrypoint"].endswith(":stage_flow")}
     assert set(stages) == set(STAGES) and all(name == stage for stage, name in stages.items())
+
+
+def test_the_results_table_keeps_readable_headers_at_80_columns(monkeypatch):
+    from rich.console import Console
+
+    from flows import cli
+
+    metrics = {"pass@1": 0.021, "cons@4": 0.0, "greedy_accuracy": 0.5, "format_rate": 0.125,
+               "language_consistency": 1.0, "mean_length": 30.812, "prompts": 200}
+    roles = ("base", "cold_start", "r1_zero", "r1_rl", "r1", "student_base", "student", "student_no_traces")
+    summary = {"run_id": "75a67174535146a59fe836bad7580d07", "stages": {"data": True}, "data_hash": "50c1",
+               "tracking_uri": "sqlite:///x", "metrics": dict.fromkeys(roles, metrics),
+               "versions": {"student_no_traces": {"version": "12", "champion": True}}}
+    console = Console(width=80, record=True, force_terminal=False)
+    monkeypatch.setattr(cli, "console", console)
+    cli.print_summary(summary, 600.0)
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    header = next(line for line in text.splitlines() if line.lstrip().startswith("model"))
+    assert header.split() == ["model", "pass@1", "cons@4", "greedy", "format", "lang", "tokens", "ver"]
+    assert "student_no_traces" in text and "v12 ★" in text

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,18 @@ def test_interrupted_stage_stops_its_process_and_leaves_no_folder(tmp_path, monk
         run_stage("base", "base", ModelConfig(pretrain_steps=10_000), {}, profile, tmp_path)
     assert started[0].poll() is not None  # the stage process was stopped, not left running
     assert list((tmp_path / "stages" / "base").iterdir()) == []
+
+
+def test_a_stage_outside_a_terminal_prints_progress_lines(tmp_path, monkeypatch, capfd):
+    """Where stderr is no terminal (here: pytest's capture; in use: CI, Prefect worker logs), a
+    long stage says where it is (every 30 s; every 0.5 s here)."""
+    from flows import stages
+
+    monkeypatch.setattr(stages, "PROGRESS_EVERY", 0.5)
+    profile = load_profile(None, ["runtime.device=cpu"])
+    slow = ModelConfig(hidden_size=16, num_hidden_layers=1, intermediate_size=32, pretrain_examples=256,
+                       pretrain_steps=400, pretrain_batch_size=8, pretrain_ema=0)
+    run_stage("base", "base", slow, {}, profile, tmp_path, total_steps=400)
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("base: step ")]
+    assert lines and all(re.fullmatch(r"base: step \d+/400, \dm\d\ds(, loss [\d.e+-]+)?", line) for line in lines)
+    assert any(", loss " in line for line in lines)
