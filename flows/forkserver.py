@@ -34,6 +34,7 @@ def serve(preload: list[str]) -> None:
     from components.stage_io import die_with_parent
 
     die_with_parent()  # a killed pipeline takes its fork server, and the server its stages, along
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the pipeline's to handle: it stops the stage
     for name in preload:
         importlib.import_module(name)
     reply = os.fdopen(os.dup(1), "w", buffering=1)
@@ -140,8 +141,8 @@ class ForkServer:
         return json.loads(line)
 
     def close(self) -> None:
+        """No more stages: the server exits once a stage still running on it ends."""
         self.process.stdin.close()
-        self.process.wait()
 
 
 if __name__ == "__main__":

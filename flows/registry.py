@@ -34,10 +34,10 @@ def register(ctx, outputs: dict[str, StageOutput], data_hash: str) -> dict[str, 
             checks = promotion.review(ctx.tracker, version, ctx.profile.promotion)
             print(f"{version.ref}: {promotion.verdict(checks)}")
             if promotion.passed(checks):
-                crowned.append(version)
-    for version in crowned:
+                crowned.append((role, version))
+    for role, version in crowned:
         promotion.crown(ctx.tracker, version)
-        registered[next(r for r, v in registered.items() if v["ref"] == version.ref)]["champion"] = True
+        registered[role]["champion"] = True
     return registered
 
 
@@ -50,9 +50,9 @@ def registered_version(ctx, role: str, outputs: dict[str, StageOutput], data_has
     if found is not None:
         return found, False
     tags = promotion.lineage(
-        stage_key=out.key, code_version=code_version(recipe_step(role).module), config_hash=content_hash(ctx.profile)[:16],
-        commit=ctx.commit, data_hash=data_hash, eval_run_id=evaluation.run_id, eval_key=eval_key(ctx, outputs),
-        metrics=evaluation.result["metrics"],
+        stage_key=out.key, code_version=code_version(recipe_step(role).module),
+        config_hash=content_hash(ctx.profile)[:16], commit=ctx.commit, data_hash=data_hash,
+        eval_run_id=evaluation.run_id, eval_key=eval_key(ctx, outputs), metrics=evaluation.result["metrics"],
         parent=registered[parent]["ref"] if parent in registered else f"{parent} (stage {outputs[parent].key})",
         parent_eval_run_id=outputs[f"eval_{parent}"].run_id if f"eval_{parent}" in outputs else None,
         health=promotion.training_health(read_metrics(out.folder / "metrics.jsonl"), ctx.profile.promotion))

@@ -76,7 +76,7 @@ def test_sigkill_mid_grpo_then_the_same_command_resumes_from_the_last_checkpoint
     # GRPO and what the resume can disturb: the stages before it (cached on the second run), both
     # GRPO stages (the second must start afresh) and their evaluations and registered versions.
     command = [sys.executable, "-m", "flows.cli", "run", "--config", MICRO, "--set", "runtime.device=cpu",
-               "--set", "grpo.max_steps=40", "--set", "grpo.save_steps=5",
+               "--set", "grpo.max_steps=20", "--set", "grpo.save_steps=5",
                "--set", "stages=[eval_base, eval_cold_start, eval_r1_zero, eval_r1_rl]"]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     stages = tmp_path / ".r1flow" / "stages"
@@ -108,7 +108,7 @@ def test_sigkill_mid_grpo_then_the_same_command_resumes_from_the_last_checkpoint
     resumed = children["r1_zero"].data.metrics["resumed_from_step"]
     assert resumed >= int(checkpoint.name.split("-")[1]) and max(logged) - resumed <= 5  # ≤ one interval lost
     steps = [m.step for m in client.get_metric_history(children["r1_zero"].info.run_id, "reward")]
-    assert steps == sorted(set(steps)) and steps[-1] == 40  # one curve, continued, to the last step
+    assert steps == sorted(set(steps)) and steps[-1] == 20  # one curve, continued, to the last step
     assert children["r1_rl"].data.metrics["resumed_from_step"] == 0
     for model in client.search_registered_models():
         assert len(client.search_model_versions(f"name = '{model.name}'")) == 1  # no duplicate versions
