@@ -137,9 +137,9 @@ def evidence(tracker: Tracker, label: str, eval_run_id: str | None, eval_key: st
 def versus(candidate: Evidence | None, reference: Evidence | None, what: str, gate: PromotionConfig) -> Check:
     """``beats WHAT``: a significant paired gain on the same evaluation, or the reason there is none."""
     name = f"beats {what}"
-    if candidate is None or reference is None:
-        return Check(name, False, f"no per-prompt evaluation of the {'candidate' if candidate is None else what} "
-                     "kept; compare by hand")
+    if candidate is None or reference is None or not reference.scores:
+        missing = "the candidate" if candidate is None else reference.label if reference else what
+        return Check(name, False, f"no per-prompt evaluation of {missing} kept; compare by hand")
     if candidate.eval_key != reference.eval_key or set(candidate.scores) != set(reference.scores):
         return Check(name, False, f"{reference.label} was evaluated under another protocol or test set")
     paired = paired_bootstrap(candidate.scores, reference.scores, gate)
