@@ -149,7 +149,7 @@ def test_a_regressed_model_stays_candidate_with_the_reason_logged(first_run, cha
 
     root, summary = first_run
     client = MlflowClient(summary["tracking_uri"])
-    # R1's SFT made to learn nothing (one step at lr 1e-30 moves no float32 weight by a representable amount):
+    # R1's SFT made to learn nothing (one step at lr 1e-30: no update a float32 forward pass can see):
     # the same model as its parent, so its evaluation is its parent's, sample for sample. Planted:
     # no CPU's floating-point order can turn that into a gain.
     worse = r1_pipeline(config=MICRO, overrides=["runtime.device=cpu", "sft.max_steps=1", "sft.learning_rate=1e-30"],
