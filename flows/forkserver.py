@@ -1,6 +1,6 @@
 """Stage processes forked from a warm interpreter: the imports every stage pays once, not per stage.
 
-A launched stage spends most of its fixed cost importing torch, transformers and TRL (7-12 s each
+A launched stage spends most of its fixed cost importing torch, transformers and TRL (6-12 s each
 on 2 cores, against 1-5 s of work for a small stage). The fork server imports the components once,
 then forks one child per stage. The child runs as ``python -m components.<stage> --spec SPEC``
 would (its own ``__main__``, argv, environment, working folder and log file), so a stage cannot
@@ -20,7 +20,6 @@ import importlib
 import json
 import os
 import runpy
-import select
 import signal
 import subprocess
 import sys
@@ -82,19 +81,25 @@ def _run_child(request: dict) -> None:
 
 # --- the client (the pipeline's process) ----------------------------------------------------
 class ForkedStage:
-    """A stage process forked by the server, with the part of ``subprocess.Popen`` the runner uses."""
+    """A stage process forked by the server, with the part of ``subprocess.Popen`` the runner uses.
+
+    A thread waits for the server's exit line: a select on the pipe could miss a line that an
+    earlier read already took into Python's buffer (a stage that fails at once)."""
 
     def __init__(self, server: ForkServer, pid: int):
         self.server, self.pid, self.returncode = server, pid, None
+        self.waiter = threading.Thread(target=self._wait_for_exit, daemon=True)
+        self.waiter.start()
+
+    def _wait_for_exit(self) -> None:
+        self.returncode = self.server.read().get("exit", -signal.SIGKILL)
+        self.server.busy.release()
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            self.returncode = self.server.exit_code(block=False)
         return self.returncode
 
     def wait(self) -> int:
-        if self.returncode is None:
-            self.returncode = self.server.exit_code(block=True)
+        self.waiter.join()
         return self.returncode
 
     def kill(self) -> None:
@@ -113,7 +118,7 @@ class ForkServer:
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
                                         cwd=Path(__file__).resolve().parents[1])
         self.busy = threading.Lock()
-        if self._read(block=True) != {"ready": True}:
+        if self.read() != {"ready": True}:
             raise RuntimeError("the stage fork server did not start")
 
     def alive(self) -> bool:
@@ -123,22 +128,15 @@ class ForkServer:
         request = {"module": module, "spec": str(spec), "log": str(log), "cwd": os.getcwd(), "env": env}
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
-        return ForkedStage(self, self._read(block=True)["pid"])
+        reply = self.read()
+        if "pid" not in reply:
+            raise RuntimeError("the stage fork server exited before it started the stage")
+        return ForkedStage(self, reply["pid"])
 
-    def exit_code(self, block: bool) -> int | None:
-        reply = self._read(block)
-        if reply is None:
-            return None
-        self.busy.release()
-        return reply["exit"]
-
-    def _read(self, block: bool) -> dict | None:
-        if not block and not select.select([self.process.stdout], [], [], 0)[0]:
-            return None
+    def read(self) -> dict:
+        """The server's next reply; ``{}`` once it died (killed, or its parent exited): its stage with it."""
         line = self.process.stdout.readline()
-        if not line:  # the server died (killed, or its parent thread ended): the stage with it
-            return {"exit": -signal.SIGKILL, "ready": False}
-        return json.loads(line)
+        return json.loads(line) if line else {}
 
     def close(self) -> None:
         """No more stages: the server exits once a stage still running on it ends."""

@@ -16,14 +16,9 @@ from prefect.artifacts import create_markdown_artifact
 from components.reports import eval_table, plot_curves
 from components.tracking import Tracker, metric_name
 from flows.recipe import EVALUATED, Step
-from flows.stages import StageOutput, code_version
+from flows.stages import StageOutput, code_version, read_metrics
 
 FILES = ("result.json", "metrics.json", "samples.jsonl", "stage.log")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """A stage's ``metrics.jsonl`` (one row per logged step)."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def record(tracker: Tracker, out: StageOutput, step: Step) -> None:

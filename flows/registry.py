@@ -13,9 +13,8 @@ from prefect.cache_policies import NO_CACHE
 from components import promotion
 from components.config import content_hash
 from components.tracking import VersionRecord
-from flows.outputs import read_metrics
 from flows.recipe import PARENTS, REGISTERED, recipe_step
-from flows.stages import StageOutput, code_version
+from flows.stages import StageOutput, code_version, read_metrics
 
 
 @task(name="register", cache_policy=NO_CACHE)

@@ -304,16 +304,17 @@ def _follow(process, name: str, metrics: Path, total: int | None) -> None:
             if time.time() - read < 1:
                 continue
             read = time.time()
-            rows = _rows(metrics)
+            rows = read_metrics(metrics)
             progress.update(bar, completed=rows[-1].get("step", 0) if rows else 0)
             if not terminal and read - said >= PROGRESS_EVERY:
                 print(progress_line(name, rows, total, read - started), file=sys.stderr, flush=True)
                 said = read
 
 
-def _rows(metrics: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[dict]:
+    """A stage's ``metrics.jsonl``, one row per logged step (up to a line still being written)."""
     rows = []
-    for line in metrics.read_text().splitlines() if metrics.exists() else []:
+    for line in path.read_text().splitlines() if path.exists() else []:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:  # a line being written right now
