@@ -66,7 +66,7 @@ def pretraining_corpus(cfg: ModelConfig, seed: int, template: str, tokenizer) ->
 
 
 def build_tiny_base(cfg: ModelConfig, seed: int, template: str, out: Path, log: MetricsLog,
-                    checkpoints: Path | None = None) -> dict:
+                    checkpoints: Path | None = None, store: str | None = None) -> dict:
     tokenizer = build_tiny_tokenizer()
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
@@ -78,17 +78,18 @@ def build_tiny_base(cfg: ModelConfig, seed: int, template: str, out: Path, log: 
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     encoded = [(encode(prompt), encode(completion)) for prompt, completion in
                pretraining_corpus(cfg, seed, template, tokenizer)]
-    loss, resumed = pretrain(model, encoded, cfg, tokenizer.pad_token_id, seed, log, checkpoints)
+    loss, resumed = pretrain(model, encoded, cfg, tokenizer.pad_token_id, seed, log, checkpoints, store)
     save_model(model, tokenizer, out)
     return {"parameters": model.num_parameters(), "final_loss": loss, "corpus_examples": len(encoded),
             "resumed_from_step": resumed}
 
 
 def pretrain(model, encoded: list[tuple[list[int], list[int]]], cfg: ModelConfig, pad_id: int, seed: int,
-             log: MetricsLog, checkpoints: Path | None = None) -> tuple[float, int]:
+             log: MetricsLog, checkpoints: Path | None = None, store: str | None = None) -> tuple[float, int]:
     """Next-token training on (prompt, completion) ids, loss on completions only; returns the
     final loss and the step it resumed from (a checkpoint every ``save_steps`` when
-    ``checkpoints`` is given; a resumed run continues exactly as an uninterrupted one would).
+    ``checkpoints`` is given, copied to the stage ``store`` if any; a resumed run continues exactly
+    as an uninterrupted one would).
 
     The prompt's operands are random digits nothing can predict; their loss was noise in the
     gradient. Batches hold prompts of one length (mixed lengths wasted ~2/3 of compute on
@@ -115,7 +116,7 @@ def pretrain(model, encoded: list[tuple[list[int], list[int]]], cfg: ModelConfig
         (s + 1) / warmup, 1.0, (cfg.pretrain_steps - s) / max(1, cfg.pretrain_steps - decay_from)))
     ema = {name: p.detach().clone() for name, p in model.named_parameters()}
     state = {"model": model, "optimizer": optimizer, "schedule": schedule, "rng": rng, "ema": ema}
-    resumed = load_pretraining(resume_from(checkpoints, log.path), state)
+    resumed = load_pretraining(resume_from(checkpoints, log.path, store), state)
     model.train()
     loss_value, started = float("nan"), time.time()
     for step in range(resumed + 1, cfg.pretrain_steps + 1):
@@ -141,7 +142,7 @@ def pretrain(model, encoded: list[tuple[list[int], list[int]]], cfg: ModelConfig
             log.write(step, loss=loss_value, learning_rate=schedule.get_last_lr()[0], seconds=time.time() - started)
         if checkpoints is not None and step % cfg.save_steps == 0 and step < cfg.pretrain_steps:
             save_pretraining(step, state, log.path.parent / f"checkpoint-{step}")
-            keep_checkpoint(log.path.parent / f"checkpoint-{step}", checkpoints, log.path)
+            keep_checkpoint(log.path.parent / f"checkpoint-{step}", checkpoints, log.path, store)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(ema[name])
@@ -221,11 +222,13 @@ def copy_hf(cfg: ModelConfig, out: Path) -> dict:
     return {"parameters": model.num_parameters(), "source": cfg.path}
 
 
-def run(cfg: ModelConfig, seed: int, template: str, output: Path, checkpoints: Path | None = None) -> dict:
+def run(cfg: ModelConfig, seed: int, template: str, output: Path, checkpoints: Path | None = None,
+        store: str | None = None) -> dict:
     seed_everything(seed)
     model_dir = output / "model"
     if cfg.source == "tiny":
-        result = build_tiny_base(cfg, seed, template, model_dir, MetricsLog(output / "metrics.jsonl"), checkpoints)
+        result = build_tiny_base(cfg, seed, template, model_dir, MetricsLog(output / "metrics.jsonl"), checkpoints,
+                                 store)
     elif cfg.source == "gguf":
         result = convert_gguf(cfg, model_dir)
     else:
@@ -236,4 +239,4 @@ def run(cfg: ModelConfig, seed: int, template: str, output: Path, checkpoints: P
 
 if __name__ == "__main__":
     spec = parse_spec()
-    run(ModelConfig(**spec.config), spec.seed, spec.prompt_template, spec.output, spec.checkpoints)
+    run(ModelConfig(**spec.config), spec.seed, spec.prompt_template, spec.output, spec.checkpoints, spec.checkpoint_store)

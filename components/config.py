@@ -214,6 +214,9 @@ class Profile(Section):
     name: str = "tiny-cpu"
     seed: int = 0
     workspace: Path = Field(Path(".r1flow"), description="generated state: stages, MLflow, Prefect, DVC remote")
+    store: str | None = Field(
+        None, description="stage store shared by workers: s3://bucket/prefix (stage outputs, checkpoints, the DVC "
+        "remote; credentials and endpoint from AWS_* variables); none: the workspace alone")
     data_dir: Path = Field(Path("data"), description="datasets versioned by DVC (data.dvc beside it)")
     prompt_template: str = Field("{question}", description="what the user turn says; must contain {question}")
     stages: list[str] | None = Field(
@@ -235,6 +238,9 @@ class Profile(Section):
     def _check_profile(self) -> Profile:
         if "{question}" not in self.prompt_template:
             raise ValueError("prompt_template must contain {question}")
+        if self.store is not None and (not self.store.startswith("s3://") or "@" in self.store.split("/")[2]):
+            raise ValueError(f"store: {self.store!r} is not s3://bucket/prefix (credentials come from AWS_* "
+                             "variables, never the URL)")
         sections = {"cold_start": "SFTConfig", "sft": "SFTConfig", "distill": "SFTConfig", "grpo": "GRPOConfig"}
         passed = {name: cls for name, cls in sections.items() if getattr(self, name).trl_args}
         if not passed:

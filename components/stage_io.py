@@ -18,6 +18,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from components.store import Store
+
 
 @dataclass
 class StageSpec:
@@ -30,6 +32,7 @@ class StageSpec:
     prompt_template: str = "{question}"
     generation_backend: str = "transformers"
     checkpoints: Path | None = None  # where complete checkpoints live across attempts (crash resume)
+    checkpoint_store: str | None = None  # and their copy in the stage store, for a resume on another worker
 
     def write(self, path: Path) -> Path:
         path.write_text(json.dumps(self.__dict__, indent=2, default=str))
@@ -94,9 +97,10 @@ def latest_checkpoint(folder: Path | None) -> Path | None:
     return max(found, key=lambda p: int(p.name.removeprefix("checkpoint-")), default=None)
 
 
-def keep_checkpoint(written: Path, folder: Path, metrics: Path) -> Path:
+def keep_checkpoint(written: Path, folder: Path, metrics: Path, store: str | None = None) -> Path:
     """Move a fully written checkpoint into ``folder`` atomically (with the metrics log so far)
-    and drop the older ones: one interval of work is the most a crash can lose."""
+    and drop the older ones: one interval of work is the most a crash can lose. With a stage
+    store, upload it there too (complete once its manifest is written), then drop older copies."""
     if metrics.exists():
         shutil.copyfile(metrics, written / "metrics.jsonl")
     folder.mkdir(parents=True, exist_ok=True)
@@ -106,11 +110,40 @@ def keep_checkpoint(written: Path, folder: Path, metrics: Path) -> Path:
     for older in folder.glob("checkpoint-*"):
         if older != target:
             shutil.rmtree(older, ignore_errors=True)
+    if store is not None:
+        remote = Store.at(store)
+        remote.put(target, target.name)
+        for older in remote.folders(""):
+            if older != target.name:
+                remote.remove(older)
     return target
 
 
-def resume_from(folder: Path | None, metrics: Path) -> Path | None:
-    """The checkpoint a restarted stage continues from, with its metrics log restored."""
+def fetch_checkpoint(folder: Path, store: str) -> None:
+    """Download the store's newest complete checkpoint into ``folder`` when it is newer than any
+    here: a stage started on an empty worker continues where a killed one left off."""
+    remote = Store.at(store)
+    steps = [int(name.removeprefix("checkpoint-")) for name in remote.folders("")
+             if name.removeprefix("checkpoint-").isdigit()]
+    newest = next((s for s in sorted(steps, reverse=True) if remote.manifest(f"checkpoint-{s}")), None)
+    if newest is None or newest <= checkpoint_step(latest_checkpoint(folder)):
+        return
+    name = f"checkpoint-{newest}"
+    scratch = folder / f".download-{name}-{os.getpid()}"  # every rank may fetch: the first rename wins
+    shutil.rmtree(scratch, ignore_errors=True)
+    if remote.get(name, scratch):
+        try:
+            os.replace(scratch, folder / name)
+        except OSError:
+            shutil.rmtree(scratch, ignore_errors=True)
+        print(f"fetched {name} from the stage store", flush=True)
+
+
+def resume_from(folder: Path | None, metrics: Path, store: str | None = None) -> Path | None:
+    """The checkpoint a restarted stage continues from (the store's, when newer than this
+    disk's), with its metrics log restored."""
+    if folder is not None and store is not None:
+        fetch_checkpoint(folder, store)
     checkpoint = latest_checkpoint(folder)
     if checkpoint is not None and (checkpoint / "metrics.jsonl").exists() and is_main_process():
         shutil.copyfile(checkpoint / "metrics.jsonl", metrics)

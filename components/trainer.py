@@ -49,25 +49,26 @@ class TrainerLog(MetricsLog, TrainerCallback):
 class AtomicCheckpoints(TrainerCallback):
     """Moves each checkpoint the Trainer has finished writing into the stage's checkpoint folder."""
 
-    def __init__(self, folder: Path, metrics: Path):
-        self.folder, self.metrics = folder, metrics
+    def __init__(self, folder: Path, metrics: Path, store: str | None = None):
+        self.folder, self.metrics, self.store = folder, metrics, store
 
     def on_save(self, args, state, control, **kwargs):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()  # every rank's shard is written before the move
         if state.is_world_process_zero:
-            keep_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.folder, self.metrics)
+            keep_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.folder, self.metrics,
+                            self.store)
 
 
 def callbacks(spec: StageSpec) -> list:
     """The metrics log, and atomic checkpoints when the stage keeps them."""
     log = TrainerLog(spec.output / "metrics.jsonl")
-    return [log, AtomicCheckpoints(spec.checkpoints, log.path)] if spec.checkpoints else [log]
+    return [log, AtomicCheckpoints(spec.checkpoints, log.path, spec.checkpoint_store)] if spec.checkpoints else [log]
 
 
 def train_resumable(trainer, spec: StageSpec) -> int:
     """Train, continuing from the last complete checkpoint an earlier attempt left; returns its step."""
-    checkpoint = resume_from(spec.checkpoints, spec.output / "metrics.jsonl")
+    checkpoint = resume_from(spec.checkpoints, spec.output / "metrics.jsonl", spec.checkpoint_store)
     if checkpoint is not None:
         print(f"resuming from {checkpoint.name}", flush=True)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

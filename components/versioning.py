@@ -3,7 +3,7 @@
     stage_datasets(data_dir, {"prompts/train.jsonl": path, ...})   # then version_data(root)
     restore_data_stage(data_dir, folder)                           # r1flow rerun
 
-The remote is a local folder by default (an S3/GCS URL at scale). The repository is initialised
+The remote is a folder in the workspace by default, ``dvc/`` in the stage store's bucket with one. The repository is initialised
 on first use, so a fresh clone needs no ``dvc init``.
 """
 
@@ -53,16 +53,23 @@ def restore_data_stage(data_dir: Path, out: Path) -> dict:
     return result
 
 
+def remote_url(store: str | None, workspace: Path) -> str:
+    """The DVC remote: ``dvc/`` in the stage store's bucket (dvc-s3; endpoint and credentials
+    from the environment), else a folder in the workspace."""
+    return f"{store.rstrip('/')}/dvc" if store else str((workspace / "dvc-remote").resolve())
+
+
 def ensure_repo(root: Path, remote: str) -> None:
-    """Initialise DVC in ``root`` if needed and give it a default remote if it has none."""
+    """Initialise DVC in ``root`` if needed and make ``remote`` its default remote, in this
+    checkout's own config (``.dvc/config.local``, never committed): each machine names its own."""
     if not (root / ".dvc").is_dir():
         Repo.init(str(root), no_scm=not (root / ".git").exists())
     repo = Repo(str(root))
     try:
-        if not repo.config["core"].get("remote"):
-            with repo.config.edit() as conf:
-                conf["remote"]["local"] = {"url": remote}
-                conf["core"]["remote"] = "local"
+        if repo.config["core"].get("remote") != "store" or repo.config["remote"]["store"]["url"] != remote:
+            with repo.config.edit("local") as conf:
+                conf["remote"]["store"] = {"url": remote}
+                conf["core"]["remote"] = "store"
     finally:
         repo.close()
 

@@ -49,7 +49,7 @@ def benchmark_file(root: Path, profile: Profile, name: str) -> Path:
         staged.unlink(missing_ok=True)
         raise
     staged.rename(path)  # only a validated file takes the name
-    versioning.ensure_repo(root, str((root / profile.workspace / "dvc-remote").resolve()))
+    versioning.ensure_repo(root, versioning.remote_url(profile.store, root / profile.workspace))
     versioning.version_data(root, profile.data_dir.as_posix())
     return path
 

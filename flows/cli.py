@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -45,7 +46,9 @@ def _profile(config: Path | None, overrides: list[str] | None) -> tuple[Path | N
 @app.command()
 def run(config: Path | None = ConfigOption, overrides: list[str] | None = SetOption,
         from_stage: str | None = typer.Option(None, "--from", help="rerun this stage and everything downstream"),
-        only: str | None = typer.Option(None, "--only", help="run this stage alone, on cached inputs")) -> None:
+        only: str | None = typer.Option(None, "--only", help="run this stage alone, on cached inputs"),
+        summary_json: Path | None = typer.Option(None, help="also write the run's summary (run ids, metrics, "
+                                                  "versions, stages) to this JSON file")) -> None:
     """Run the whole recipe for a profile (cached stages are reused) and print the results."""
     from flows.recipe import STAGES
 
@@ -63,6 +66,8 @@ def run(config: Path | None = ConfigOption, overrides: list[str] | None = SetOpt
     with _reported("pipeline"):
         summary = stage_flow(stage=only, **args, force=True) if only else r1_pipeline(**args, from_stage=from_stage)
     print_summary(summary, time.time() - started)
+    if summary_json is not None:
+        summary_json.write_text(json.dumps(summary, indent=2, default=str))
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -210,20 +215,28 @@ def promote(version: str = typer.Argument(..., help="a registered version, NAME/
 
 
 @app.command()
-def deploy(prefect_file: Path = PrefectFileOption, pools: list[str] = PoolOption) -> None:
+def deploy(prefect_file: Path = PrefectFileOption, pools: list[str] = PoolOption,
+           store: str | None = typer.Option(None, help="s3://bucket/prefix: upload this checkout's code there and "
+                                            "give every deployment a pull step, so workers need no checkout")) -> None:
     """Register the Prefect deployments (the nightly pipeline, each stage as its own flow) with the
-    server at PREFECT_API_URL, creating the work pools first. Run it from the checkout workers use."""
+    server at PREFECT_API_URL, creating the work pools first. Without ``--store``, workers run in
+    this checkout's path; with it, each flow run pulls this code from the bucket."""
     import asyncio
     import os
 
     if not os.environ.get("PREFECT_API_URL"):
         _fail("deploy: set PREFECT_API_URL to a Prefect server (e.g. http://127.0.0.1:4200/api; "
-              "`prefect server start --host 127.0.0.1` starts one)", 2)
+              "`r1flow servers` starts one)", 2)
     if not prefect_file.exists():
         _fail(f"deploy: {prefect_file} not found (run from the repository root)", 2)
     created = asyncio.run(_ensure_pools(pools))
     if created:
         console.print(f"created work pool(s): {', '.join(created)}")
+    if store:
+        from flows.code import with_pull_step
+
+        prefect_file, url = with_pull_step(prefect_file, store, Path.cwd())
+        console.print(f"code uploaded to {url}")
     prefect = Path(sys.executable).parent / "prefect"
     done = subprocess.run([str(prefect), "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)],
                           check=False, capture_output=True, text=True)
@@ -247,6 +260,40 @@ async def _ensure_pools(names: list[str]) -> list[str]:
             except ObjectAlreadyExists:
                 pass
     return created
+
+
+@app.command()
+def servers(host: str = typer.Option("127.0.0.1", help="bind address (loopback unless you mean it)"),
+            s3_port: int = 8333, mlflow_port: int = 5000, prefect_port: int = 4200,
+            backend: str = typer.Option("postgresql+psycopg2://postgres@127.0.0.1:5432/r1flow",
+                                        help="the MLflow server's database (created if missing)"),
+            folder: Path = typer.Option(Path(".r1flow/servers"), help="their data and logs")) -> None:
+    """Start what workers on other machines share: SeaweedFS (S3), MLflow on PostgreSQL with its
+    artifacts in the bucket, and Prefect. Prints what to export; Ctrl-C stops all three."""
+    from flows.servers import BUCKET, Ports, start_stack, stop
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        stack, processes = start_stack(folder.resolve(), host, Ports(s3_port, mlflow_port, prefect_port), backend)
+    except (OSError, RuntimeError) as error:
+        _fail(f"servers: {error} (logs in {folder})")
+    import os
+
+    keys = "as exported" if os.environ.get("AWS_SECRET_ACCESS_KEY") else f"source {folder / 's3.env'}"
+    print(f"# S3 (SeaweedFS) {stack.endpoint}, bucket {BUCKET}; MLflow {stack.tracking_uri}; Prefect {stack.prefect_api}\n"
+          f"export AWS_ENDPOINT_URL_S3={stack.endpoint} PREFECT_API_URL={stack.prefect_api}\n"
+          f"# credentials: {keys}\n"
+          f"r1flow run --set store=s3://{BUCKET}/store --set tracking.tracking_uri={stack.tracking_uri}\n"
+          "# Ctrl-C stops the servers", flush=True)
+    try:
+        while all(p.poll() is None for p in processes):
+            time.sleep(1)
+        _fail("servers: one server exited; see the logs in " + str(folder))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop(processes)
 
 
 @app.command()

@@ -12,6 +12,7 @@ deployments) and ``remote_stage`` (a GPU stage sent to a worker, ``flows.remote`
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -161,10 +162,11 @@ def r1_pipeline(config: str | None = None, overrides: list[str] | None = None, r
 
 
 @flow(name="r1flow-stage", flow_run_name="{stage}", log_prints=True)
-def stage_flow(stage: str, config: str | None = None, overrides: list[str] | None = None, root: str = ".",
+def stage_flow(stage: str, config: str | None = None, overrides: list[str] | None = None, root: str | None = None,
                run_id: str | None = None, force: bool = False) -> dict:
     """One stage on cached inputs, as its own flow: ``r1flow run --only STAGE``, the per-stage
-    deployments, and where the pipeline sends GPU stages (logging into the MLflow run ``run_id``)."""
+    deployments, and where the pipeline sends GPU stages (logging into the MLflow run ``run_id``).
+    ``root``: where the workspace is; none: ``$R1FLOW_ROOT``, else the working directory."""
     label = f" (only {check_stage(stage)})"
     with pipeline_run(config, overrides, root, label=label, own_run=run_id is None) as ctx:
         out = run_only(ctx, stage, force, run_id)
@@ -172,12 +174,12 @@ def stage_flow(stage: str, config: str | None = None, overrides: list[str] | Non
 
 
 @contextmanager
-def pipeline_run(config: str | None, overrides: list[str] | None, root: str, tags: dict | None = None,
+def pipeline_run(config: str | None, overrides: list[str] | None, root: str | None, tags: dict | None = None,
                  label: str = "", own_run: bool = True) -> Iterator[Context]:
     """The run's context, inside its MLflow parent run (none for a stage sent here to log into a
     run of its own): finished on success, failed on any error."""
     profile = load_profile(config, overrides)
-    root_path = Path(root).resolve()
+    root_path = Path(root or os.environ.get("R1FLOW_ROOT") or ".").resolve()
     workspace = root_path / profile.workspace
     workspace.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(profile.tracking.tracking_uri or default_uri(workspace), profile.tracking.experiment,
@@ -229,7 +231,7 @@ def finish(ctx: Context, outputs: dict[str, StageOutput]) -> dict:
 def version_data(ctx: Context, files: dict[str, str]) -> str:
     """This run's datasets into ``data/``, ``dvc add`` and push; returns the DVC hash."""
     versioning.stage_datasets(ctx.root / ctx.profile.data_dir, {k: Path(v) for k, v in files.items()})
-    versioning.ensure_repo(ctx.root, str((ctx.workspace / "dvc-remote").resolve()))
+    versioning.ensure_repo(ctx.root, versioning.remote_url(ctx.profile.store, ctx.workspace))
     data_hash = versioning.version_data(ctx.root, ctx.profile.data_dir.as_posix())
     ctx.tracker.set_tags(ctx.parent_run, {"data_hash": data_hash})
     ctx.tracker.log_artifact(ctx.parent_run, ctx.root / f"{ctx.profile.data_dir.as_posix()}.dvc")  # for reruns

@@ -54,7 +54,8 @@ def rerun(run_id: str, root: Path, tracking_uri: str) -> tuple[dict, list[Compar
         warnings.append("uncommitted changes (then or now): the code may differ from the commit")
 
     workspace = root / profile["workspace"]
-    data_hash = versioning.restore(root, pointer, str((workspace / "dvc-remote").resolve()), profile["data_dir"])
+    data_hash = versioning.restore(root, pointer, versioning.remote_url(profile.get("store"), workspace),
+                                   profile["data_dir"])
     if data_hash != tags["data_hash"]:
         raise ValueError(f"DVC restored {data_hash}, the run recorded {tags['data_hash']}")
     profile["tracking"]["tracking_uri"] = tracking_uri

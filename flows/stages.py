@@ -6,6 +6,12 @@ inputs, the code that runs (the component's module and every ``components`` modu
 the config schema aside) and the runtime settings that change results. It is written in a
 temporary folder and renamed into place when complete, so a folder that exists is whole, and the
 same key means the same result. ``StageOutput`` is what every stage leaves, however it ran.
+
+With a stage store (``profile.store``: an S3 bucket shared by workers on other machines), every
+completed folder is uploaded to ``stages/<name>/<key>/`` with its manifest written last, and the
+local workspace is this worker's cache of it: a stage or input found in the store is downloaded
+once, checked against its manifest, and reused. Checkpoints go to the store as they are saved,
+so a stage killed on one worker resumes on another.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pathlib import Path
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from components.config import Profile, Section, content_hash
+from components.store import Store
 from components.stage_io import StageSpec
 from flows.forkserver import ForkServer
 from flows.recipe import RECIPE, Step
@@ -89,7 +96,7 @@ def cached_output(step: Step, inputs: dict[str, Artifact], profile: Profile, wor
     """A stage's keyed output, without running anything (``--only``'s inputs, a remote stage's output)."""
     key = stage_key(step.module, section(profile, step), inputs, profile)
     folder = stage_folder(workspace, step.name, key)
-    if not (folder / "result.json").exists():
+    if not fetch(store_of(profile), workspace, step.name, key):
         raise MissingInput(f"input stage {step.name!r} has no cached output for this profile ({folder}); "
                            f"run `r1flow run` (or `--only {step.name}`) first")
     return StageOutput(step.name, folder, key, True, None, read_result(folder))
@@ -161,6 +168,38 @@ def stage_folder(workspace: Path, name: str, key: str) -> Path:
     return workspace / "stages" / name / key
 
 
+def store_of(profile: Profile) -> Store | None:
+    """The profile's shared stage store; None when the workspace alone holds the stages."""
+    return Store.at(profile.store) if profile.store else None
+
+
+def fetch(store: Store | None, workspace: Path, name: str, key: str) -> bool:
+    """Make a stage's complete keyed folder present in the workspace: already here, or downloaded
+    from the store and checked against its manifest. A folder only this disk holds (a worker
+    killed between finishing and uploading) is uploaded now. False: neither has it."""
+    final, relative = stage_folder(workspace, name, key), f"stages/{name}/{key}"
+    if (final / "result.json").exists():
+        if store is not None and store.manifest(relative) is None:
+            store.put(final, relative)
+        return True
+    if store is None:
+        return False
+    tmp = scratch_folder(final)
+    if not store.get(relative, tmp):
+        return False
+    install(tmp, final)
+    print(f"{name}: fetched from {store.path(relative)}", flush=True)
+    return True
+
+
+def publish(store: Store | None, folder: Path, name: str, key: str) -> None:
+    """Upload a completed stage folder and drop its checkpoints from the store."""
+    if store is not None:
+        store.put(folder, f"stages/{name}/{key}")
+        for checkpoint in store.folders(f"checkpoints/{name}/{key}"):
+            store.remove(f"checkpoints/{name}/{key}/{checkpoint}")
+
+
 def scratch_folder(final: Path) -> Path:
     """This process's temporary folder for ``final``, after removing any that a killed process
     left (its pid is gone): a crash leaves nothing half-written behind once the stage runs again."""
@@ -209,8 +248,8 @@ def run_stage(name: str, module: str, config: Section, inputs: dict[str, Artifac
     with the same key continues from the last one.
     """
     key = stage_key(module, config, inputs, profile)
-    final = stage_folder(workspace, name, key)
-    if (final / "result.json").exists() and not force:
+    final, store = stage_folder(workspace, name, key), store_of(profile)
+    if not force and fetch(store, workspace, name, key):
         return final, key, True
     tmp = scratch_folder(final)
     tmp.mkdir(parents=True)
@@ -218,7 +257,8 @@ def run_stage(name: str, module: str, config: Section, inputs: dict[str, Artifac
     spec = StageSpec(stage=name, config=config.model_dump(mode="json"), output=tmp,
                      inputs={k: v.path for k, v in inputs.items()}, seed=profile.seed,
                      device=profile.runtime.device, prompt_template=profile.prompt_template,
-                     generation_backend=profile.runtime.generation_backend, checkpoints=checkpoints)
+                     generation_backend=profile.runtime.generation_backend, checkpoints=checkpoints,
+                     checkpoint_store=store.path(f"checkpoints/{name}/{key}") if store else None)
     spec_path = spec.write(tmp / "spec.json")
     on_cpu = profile.runtime.device == "cpu" or (profile.runtime.device == "auto" and not _has_cuda())
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
@@ -242,6 +282,7 @@ def run_stage(name: str, module: str, config: Section, inputs: dict[str, Artifac
         raise StageFailed(f"stage {name!r} failed (exit {process.returncode}); full log: {kept}\n{tail}")
     shutil.rmtree(tmp / "trainer", ignore_errors=True)  # the Trainer's scratch: checkpoints already moved out
     install(tmp, final)
+    publish(store, final, name, key)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return final, key, False
 

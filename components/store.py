@@ -1,0 +1,135 @@
+"""The one module that talks to the stage store: a local folder (the default) or an S3 bucket.
+
+    store = Store.at("s3://bucket/prefix")        # fsspec + s3fs; a plain path works the same
+    store.put(folder, "stages/grpo/<key>")        # every file, then the manifest, last
+    store.get("stages/grpo/<key>", local)         # downloaded and checked against the manifest
+
+S3 has no atomic folder rename, so a folder in the store is complete if and only if its
+``manifest.json`` (file list, sizes, sha256) exists, and the manifest is written after every file
+it lists. Readers check each byte they download against it. Credentials and the endpoint come from
+the environment only (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL_S3``),
+never from a profile, so no URL or spec here ever holds one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+class CorruptObject(ValueError):
+    """A downloaded file differs from what its manifest says; the message names it."""
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest_of(folder: Path) -> dict:
+    """Every file under ``folder`` (the manifest aside), with its size and sha256."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {"files": {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256(p)}
+                      for p in files}}
+
+
+def endpoint() -> str | None:
+    """The S3 endpoint of a non-AWS server (SeaweedFS, MinIO), from the environment."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+@dataclass(frozen=True)
+class Store:
+    url: str  # a folder path or s3://bucket/prefix
+
+    @classmethod
+    def at(cls, url: str | Path) -> Store:
+        return cls(str(url).rstrip("/"))
+
+    @property
+    def remote(self) -> bool:
+        return "://" in self.url
+
+    @property
+    def fs(self):
+        if not self.remote:
+            from fsspec.implementations.local import LocalFileSystem
+
+            return LocalFileSystem(auto_mkdir=True)
+        import s3fs
+
+        # No listings cache: another worker's upload must be seen at once. No instance cache:
+        # credentials are read from the environment each time a store is opened.
+        return s3fs.S3FileSystem(endpoint_url=endpoint(), use_listings_cache=False, skip_instance_cache=True)
+
+    def path(self, relative: str) -> str:
+        return f"{self.url}/{relative}" if relative else self.url
+
+    def manifest(self, relative: str) -> dict | None:
+        """The manifest of a complete folder; None while it is incomplete or absent."""
+        try:
+            return json.loads(self.fs.cat_file(self.path(f"{relative}/{MANIFEST}")))
+        except FileNotFoundError:
+            return None
+
+    def put(self, folder: Path, relative: str) -> dict:
+        """Upload a complete local folder: every file, then its manifest (what marks it complete).
+        A folder uploaded again (a forced rerun) is incomplete while its files are replaced."""
+        fs, manifest = self.fs, manifest_of(folder)
+        self._unmark(fs, relative)
+        for name in manifest["files"]:
+            fs.put_file(str(folder / name), self.path(f"{relative}/{name}"))
+        fs.pipe_file(self.path(f"{relative}/{MANIFEST}"), json.dumps(manifest, indent=1).encode())
+        return manifest
+
+    def get(self, relative: str, destination: Path) -> bool:
+        """Download a complete folder into ``destination`` (which must not exist yet), each file
+        checked against the manifest; False when the store holds no complete folder there."""
+        manifest = self.manifest(relative)
+        if manifest is None:
+            return False
+        fs = self.fs
+        destination.mkdir(parents=True)
+        try:
+            for name, expected in manifest["files"].items():
+                target = destination / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(self.path(f"{relative}/{name}"), str(target))
+                if target.stat().st_size != expected["size"] or sha256(target) != expected["sha256"]:
+                    raise CorruptObject(f"{self.path(f'{relative}/{name}')}: differs from its manifest "
+                                        "(size or sha256); delete the folder's manifest.json to have it rebuilt")
+        except BaseException:
+            shutil.rmtree(destination, ignore_errors=True)
+            raise
+        (destination / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        return True
+
+    def folders(self, relative: str) -> list[str]:
+        """The names of the folders directly under ``relative`` (complete or not)."""
+        try:
+            entries = self.fs.ls(self.path(relative), detail=True)
+        except FileNotFoundError:
+            return []
+        return [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"]
+
+    def remove(self, relative: str) -> None:
+        """Delete a folder: the manifest first, so that no reader ever takes a half-deleted one."""
+        fs = self.fs
+        self._unmark(fs, relative)
+        if fs.exists(self.path(relative)):
+            fs.rm(self.path(relative), recursive=True)
+
+    def _unmark(self, fs, relative: str) -> None:
+        try:
+            fs.rm_file(self.path(f"{relative}/{MANIFEST}"))
+        except FileNotFoundError:
+            pass
