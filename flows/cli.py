@@ -31,6 +31,8 @@ ConfigOption = typer.Option(None, "--config", "-c", help="profile YAML (default:
 PrefectFileOption = typer.Option(Path("infra/prefect.yaml"), help="the deployments to register")
 PoolOption = typer.Option(["cpu", "gpu"], "--pool", help="process work pools to create if missing")
 SetOption = typer.Option(None, "--set", "-s", help="override a key, e.g. --set grpo.learning_rate=5e-5")
+SummaryOption = typer.Option(None, help="also write the summary (run ids, metrics, versions, stages) as JSON here")
+ServersFolderOption = typer.Option(Path(".r1flow/servers"), help="the servers' data and logs")
 
 
 def _profile(config: Path | None, overrides: list[str] | None) -> tuple[Path | None, Profile]:
@@ -47,8 +49,7 @@ def _profile(config: Path | None, overrides: list[str] | None) -> tuple[Path | N
 def run(config: Path | None = ConfigOption, overrides: list[str] | None = SetOption,
         from_stage: str | None = typer.Option(None, "--from", help="rerun this stage and everything downstream"),
         only: str | None = typer.Option(None, "--only", help="run this stage alone, on cached inputs"),
-        summary_json: Path | None = typer.Option(None, help="also write the run's summary (run ids, metrics, "
-                                                  "versions, stages) to this JSON file")) -> None:
+        summary_json: Path | None = SummaryOption) -> None:
     """Run the whole recipe for a profile (cached stages are reused) and print the results."""
     from flows.recipe import STAGES
 
@@ -267,7 +268,7 @@ def servers(host: str = typer.Option("127.0.0.1", help="bind address (loopback u
             s3_port: int = 8333, mlflow_port: int = 5000, prefect_port: int = 4200,
             backend: str = typer.Option("postgresql+psycopg2://postgres@127.0.0.1:5432/r1flow",
                                         help="the MLflow server's database (created if missing)"),
-            folder: Path = typer.Option(Path(".r1flow/servers"), help="their data and logs")) -> None:
+            folder: Path = ServersFolderOption) -> None:
     """Start what workers on other machines share: SeaweedFS (S3), MLflow on PostgreSQL with its
     artifacts in the bucket, and Prefect. Prints what to export; Ctrl-C stops all three."""
     from flows.servers import BUCKET, Ports, start_stack, stop

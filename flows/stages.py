@@ -31,8 +31,8 @@ from pathlib import Path
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from components.config import Profile, Section, content_hash
-from components.store import Store
 from components.stage_io import StageSpec
+from components.store import Store
 from flows.forkserver import ForkServer
 from flows.recipe import RECIPE, Step
 
