@@ -63,7 +63,7 @@ def run(config: Path | None = ConfigOption, overrides: list[str] | None = SetOpt
     from flows.pipeline import r1_pipeline, stage_flow
 
     started = time.time()
-    args = {"config": str(config) if config else None, "overrides": overrides or [], "root": "."}
+    args = {"config": str(config) if config else None, "overrides": overrides or [], "root": None}  # $R1FLOW_ROOT or .
     with _reported("pipeline"):
         summary = stage_flow(stage=only, **args, force=True) if only else r1_pipeline(**args, from_stage=from_stage)
     print_summary(summary, time.time() - started)

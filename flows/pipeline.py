@@ -147,12 +147,13 @@ def selected(profile: Profile) -> set[str]:
 
 # --- flows ----------------------------------------------------------------------------------
 @flow(name="r1flow", log_prints=True)
-def r1_pipeline(config: str | None = None, overrides: list[str] | None = None, root: str = ".",
+def r1_pipeline(config: str | None = None, overrides: list[str] | None = None, root: str | None = None,
                 from_stage: str | None = None, restored: str | None = None, reproduces: str | None = None) -> dict:
     """The whole recipe for one profile; returns run ids, data hash, eval metrics and versions.
 
     ``from_stage`` reruns that stage and everything downstream of it even when cached;
-    ``restored`` (``r1flow rerun``) takes the datasets from a DVC-restored data folder.
+    ``restored`` (``r1flow rerun``) takes the datasets from a DVC-restored data folder. ``root``
+    holds the workspace and the data folder; none: ``$R1FLOW_ROOT``, else the working directory.
     """
     force = {check_stage(from_stage), *downstream(from_stage)} if from_stage else set()
     with pipeline_run(config, overrides, root, tags={"reproduces": reproduces} if reproduces else {}) as ctx:
