@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time

@@ -1,0 +1,126 @@
+"""The stage store against a real S3 server (SeaweedFS, started here on 127.0.0.1): complete only
+once the manifest is written, every download checked against it, checkpoints that move between
+workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from components import base
+from components.config import ModelConfig
+from components.store import CorruptObject, Store
+from flows.servers import BUCKET, free_port, seaweedfs, stop, wait_for
+from flows.stages import fetch, stage_folder
+
+TINY = ModelConfig(hidden_size=16, num_hidden_layers=1, intermediate_size=32, pretrain_examples=64,
+                   pretrain_steps=6, pretrain_batch_size=8, save_steps=2, pretrain_ema=0.5)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A SeaweedFS S3 endpoint with its bucket; the environment points s3fs at it."""
+    keys = {"AWS_ACCESS_KEY_ID": "store-test", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16)}
+    port = free_port()
+    server = seaweedfs(tmp_path_factory.mktemp("seaweedfs"), "127.0.0.1", port, keys)
+    saved = {k: os.environ.get(k) for k in (*keys, "AWS_ENDPOINT_URL_S3")}
+    os.environ.update({**keys, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"})
+    try:
+        wait_for(f"http://127.0.0.1:{port}", server, 60, answered=lambda status: True)
+        store = Store.at(f"s3://{BUCKET}")
+        for _ in range(60):  # the bucket is made just after S3 answers
+            if store.fs.exists(BUCKET):
+                break
+            time.sleep(0.5)
+        yield Store.at(f"s3://{BUCKET}/{secrets.token_hex(4)}")
+    finally:
+        stop([server])
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+        for k in (k for k, v in saved.items() if v is None):
+            os.environ.pop(k, None)
+
+
+def folder_with(path: Path, files: dict[str, bytes]) -> Path:
+    for name, content in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(content)
+    return path
+
+
+def test_a_folder_is_complete_once_its_manifest_is_written_and_reads_back_verified(s3, tmp_path):
+    source = folder_with(tmp_path / "out", {"result.json": b"{}", "model/model.safetensors": os.urandom(5000)})
+    assert s3.manifest("stages/x/k") is None and not s3.get("stages/x/k", tmp_path / "none")
+    manifest = s3.put(source, "stages/x/k")
+    assert set(manifest["files"]) == {"result.json", "model/model.safetensors"}
+    assert s3.get("stages/x/k", tmp_path / "copy")
+    assert (tmp_path / "copy/model/model.safetensors").read_bytes() == (source / "model/model.safetensors").read_bytes()
+    # Files without their manifest (an upload cut short) are not a folder anyone reads.
+    s3.fs.put_file(str(source / "result.json"), s3.path("stages/x/partial/result.json"))
+    assert s3.manifest("stages/x/partial") is None and not s3.get("stages/x/partial", tmp_path / "partial")
+
+
+def test_a_corrupted_object_is_named_and_nothing_is_left_behind(s3, tmp_path):
+    source = folder_with(tmp_path / "out", {"a.bin": os.urandom(1000), "b.bin": os.urandom(1000)})
+    s3.put(source, "stages/y/k")
+    s3.fs.pipe_file(s3.path("stages/y/k/b.bin"), os.urandom(1000))  # same size, other bytes
+    with pytest.raises(CorruptObject, match="stages/y/k/b.bin"):
+        s3.get("stages/y/k", tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+
+
+def test_an_upload_cut_short_leaves_the_folder_incomplete_not_stale(s3, tmp_path, monkeypatch):
+    first = folder_with(tmp_path / "first", {"a.bin": b"old", "b.bin": b"old"})
+    s3.put(first, "stages/z/k")
+    second = folder_with(tmp_path / "second", {"a.bin": b"new!", "b.bin": b"new!"})
+    fs, calls = s3.fs, []  # one client per process: the store's own
+
+    def dies_after_first_file(local, remote, **kwargs):
+        calls.append(remote)
+        fs.put_file(local[0], remote[0])
+        raise ConnectionError("network gone")
+
+    monkeypatch.setattr(fs, "put", dies_after_first_file)
+    with pytest.raises(ConnectionError):
+        s3.put(second, "stages/z/k")
+    monkeypatch.undo()
+    assert calls and s3.manifest("stages/z/k") is None  # a forced rerun's upload: the old manifest went first
+
+
+def test_a_stage_is_fetched_into_an_empty_workspace_and_a_local_only_one_is_uploaded(s3, tmp_path):
+    worker_a, worker_b = tmp_path / "a", tmp_path / "b"
+    folder_with(stage_folder(worker_a, "sft", "k1"), {"result.json": b'{"steps": 3}', "model/w.bin": b"w"})
+    assert fetch(s3, worker_a, "sft", "k1")  # finished here, never uploaded (killed in between): uploaded now
+    assert s3.manifest("stages/sft/k1") is not None
+    assert fetch(s3, worker_b, "sft", "k1")
+    assert json.loads((stage_folder(worker_b, "sft", "k1") / "result.json").read_text()) == {"steps": 3}
+    assert not fetch(s3, worker_b, "sft", "other-key")
+
+
+def test_pretraining_killed_on_one_worker_resumes_on_another_from_the_store(s3, tmp_path, monkeypatch):
+    for name in ("straight", "first", "second"):
+        (tmp_path / name).mkdir()
+    base.run(TINY, seed=0, template="{question}", output=tmp_path / "straight")
+    checkpoints = s3.path("checkpoints/base/k")
+    keep = base.keep_checkpoint
+
+    def crash_after_first(*args):
+        keep(*args)
+        raise KeyboardInterrupt  # the worker dies right after the step-2 checkpoint
+
+    monkeypatch.setattr(base, "keep_checkpoint", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        base.run(TINY, 0, "{question}", tmp_path / "first", tmp_path / "worker-a", checkpoints)
+    monkeypatch.setattr(base, "keep_checkpoint", keep)
+    # Another worker, its checkpoint folder empty: the store's checkpoint carries the run on.
+    result = base.run(TINY, 0, "{question}", tmp_path / "second", tmp_path / "worker-b", checkpoints)
+    assert result["resumed_from_step"] == 2
+    straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    resumed = load_file(tmp_path / "second" / "model" / "model.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
