@@ -88,8 +88,8 @@ def pretrain(model, encoded: list[tuple[list[int], list[int]]], cfg: ModelConfig
              log: MetricsLog, checkpoints: Path | None = None, store: str | None = None) -> tuple[float, int]:
     """Next-token training on (prompt, completion) ids, loss on completions only; returns the
     final loss and the step it resumed from (a checkpoint every ``save_steps`` when
-    ``checkpoints`` is given, copied to the stage ``store`` if any; a resumed run continues exactly
-    as an uninterrupted one would).
+    ``checkpoints`` is given, uploaded to the stage ``store`` if any; a resumed run continues
+    exactly as an uninterrupted one would).
 
     The prompt's operands are random digits nothing can predict; their loss was noise in the
     gradient. Batches hold prompts of one length (mixed lengths wasted ~2/3 of compute on
@@ -116,7 +116,7 @@ def pretrain(model, encoded: list[tuple[list[int], list[int]]], cfg: ModelConfig
         (s + 1) / warmup, 1.0, (cfg.pretrain_steps - s) / max(1, cfg.pretrain_steps - decay_from)))
     ema = {name: p.detach().clone() for name, p in model.named_parameters()}
     state = {"model": model, "optimizer": optimizer, "schedule": schedule, "rng": rng, "ema": ema}
-    resumed = load_pretraining(resume_from(checkpoints, log.path, store), state)
+    resumed = load_pretraining(resume_from(checkpoints, log.path), state)
     model.train()
     loss_value, started = float("nan"), time.time()
     for step in range(resumed + 1, cfg.pretrain_steps + 1):

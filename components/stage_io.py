@@ -121,7 +121,8 @@ def keep_checkpoint(written: Path, folder: Path, metrics: Path, store: str | Non
 
 def fetch_checkpoint(folder: Path, store: str) -> None:
     """Download the store's newest complete checkpoint into ``folder`` when it is newer than any
-    here: a stage started on an empty worker continues where a killed one left off."""
+    here: a stage started on an empty worker continues where a killed one left off. The runner
+    calls it before starting the stage, so a stage process touches the store only to upload."""
     remote = Store.at(store)
     steps = [int(name.removeprefix("checkpoint-")) for name in remote.folders("")
              if name.removeprefix("checkpoint-").isdigit()]
@@ -129,21 +130,16 @@ def fetch_checkpoint(folder: Path, store: str) -> None:
     if newest is None or newest <= checkpoint_step(latest_checkpoint(folder)):
         return
     name = f"checkpoint-{newest}"
-    scratch = folder / f".download-{name}-{os.getpid()}"  # every rank may fetch: the first rename wins
+    scratch = folder / f".download-{name}-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
     if remote.get(name, scratch):
-        try:
-            os.replace(scratch, folder / name)
-        except OSError:
-            shutil.rmtree(scratch, ignore_errors=True)
-        print(f"fetched {name} from the stage store", flush=True)
+        shutil.rmtree(folder / name, ignore_errors=True)
+        os.replace(scratch, folder / name)
+        print(f"fetched {name} from {remote.url}", flush=True)
 
 
-def resume_from(folder: Path | None, metrics: Path, store: str | None = None) -> Path | None:
-    """The checkpoint a restarted stage continues from (the store's, when newer than this
-    disk's), with its metrics log restored."""
-    if folder is not None and store is not None:
-        fetch_checkpoint(folder, store)
+def resume_from(folder: Path | None, metrics: Path) -> Path | None:
+    """The checkpoint a restarted stage continues from, with its metrics log restored."""
     checkpoint = latest_checkpoint(folder)
     if checkpoint is not None and (checkpoint / "metrics.jsonl").exists() and is_main_process():
         shutil.copyfile(checkpoint / "metrics.jsonl", metrics)

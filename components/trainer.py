@@ -68,7 +68,7 @@ def callbacks(spec: StageSpec) -> list:
 
 def train_resumable(trainer, spec: StageSpec) -> int:
     """Train, continuing from the last complete checkpoint an earlier attempt left; returns its step."""
-    checkpoint = resume_from(spec.checkpoints, spec.output / "metrics.jsonl", spec.checkpoint_store)
+    checkpoint = resume_from(spec.checkpoints, spec.output / "metrics.jsonl")
     if checkpoint is not None:
         print(f"resuming from {checkpoint.name}", flush=True)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

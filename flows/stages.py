@@ -31,7 +31,7 @@ from pathlib import Path
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from components.config import Profile, Section, content_hash
-from components.stage_io import StageSpec
+from components.stage_io import StageSpec, fetch_checkpoint
 from components.store import Store
 from flows.forkserver import ForkServer
 from flows.recipe import RECIPE, Step
@@ -254,6 +254,8 @@ def run_stage(name: str, module: str, config: Section, inputs: dict[str, Artifac
     tmp = scratch_folder(final)
     tmp.mkdir(parents=True)
     checkpoints = checkpoint_folder(workspace, name, key)
+    if store is not None:  # another worker may have got further with this stage: continue from there
+        fetch_checkpoint(checkpoints, store.path(f"checkpoints/{name}/{key}"))
     spec = StageSpec(stage=name, config=config.model_dump(mode="json"), output=tmp,
                      inputs={k: v.path for k, v in inputs.items()}, seed=profile.seed,
                      device=profile.runtime.device, prompt_template=profile.prompt_template,

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from components import base
 from components.config import ModelConfig
+from components.stage_io import fetch_checkpoint
 from components.store import CorruptObject, Store
 from flows.servers import BUCKET, free_port, seaweedfs, stop, wait_for
 from flows.stages import fetch, stage_folder
@@ -119,6 +120,8 @@ def test_pretraining_killed_on_one_worker_resumes_on_another_from_the_store(s3, 
         base.run(TINY, 0, "{question}", tmp_path / "first", tmp_path / "worker-a", checkpoints)
     monkeypatch.setattr(base, "keep_checkpoint", keep)
     # Another worker, its checkpoint folder empty: the store's checkpoint carries the run on.
+    fetch_checkpoint(tmp_path / "worker-b", checkpoints)  # what the runner does before starting a stage
+    assert [p.name for p in (tmp_path / "worker-b").iterdir()] == ["checkpoint-2"]
     result = base.run(TINY, 0, "{question}", tmp_path / "second", tmp_path / "worker-b", checkpoints)
     assert result["resumed_from_step"] == 2
     straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
