@@ -125,6 +125,15 @@ class GRPOConfig(TrainConfig):
     rewards: dict[str, float] = Field(
         default_factory=lambda: {"accuracy": 1.0, "format": 0.2, "language": 0.1},
         description="reward name -> weight (names from components.rewards.REWARDS)")
+    # Rollouts by TRL's own vLLM integration (GPU stage environment only; vLLM is imported by TRL).
+    use_vllm: bool = Field(False, description="generate GRPO rollouts with vLLM (TRL's integration)")
+    vllm_mode: Literal["colocate", "server"] | None = Field(
+        None, description="colocate: vLLM inside the training processes, sharing their GPUs; server: a "
+        "vLLM server on GPUs of its own (`vllm serve`). Required with use_vllm: TRL 1.16 changed its default to colocate")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="colocate: GPU memory share for vLLM")
+    vllm_tensor_parallel_size: int = Field(1, gt=0, description="colocate: GPUs per vLLM engine")
+    vllm_server_host: str = Field("127.0.0.1", description="server mode: where the vLLM server answers")
+    vllm_server_port: int = Field(8000, gt=0, description="server mode: its port")
 
     @model_validator(mode="after")
     def _check(self) -> GRPOConfig:
@@ -133,6 +142,8 @@ class GRPOConfig(TrainConfig):
         unknown = set(self.rewards) - set(REWARDS)
         if unknown:
             raise ValueError(f"unknown reward(s) {sorted(unknown)} in rewards; choose from {sorted(REWARDS)}")
+        if self.use_vllm and self.vllm_mode is None:
+            raise ValueError("use_vllm needs vllm_mode: colocate or server (set it: TRL's default changed in 1.16)")
         if self.per_device_train_batch_size % self.num_generations:
             raise ValueError("per_device_train_batch_size must be a multiple of num_generations")
         return self

@@ -83,19 +83,30 @@ class HeldOutPass(TrainerCallback):
                                 "heldout/mean_length": mean(s.tokens for (s,) in samples)})
 
 
+VLLM_FIELDS = ("vllm_mode", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size", "vllm_server_host",
+               "vllm_server_port")
+
+
+def grpo_arguments(cfg: GRPOConfig, spec: StageSpec, device: str) -> TRLGRPOConfig:
+    """TRL's GRPO config for a stage; rollouts by TRL's vLLM integration when the profile asks
+    (no generation code of r1flow's own on that path)."""
+    vllm = {"use_vllm": True, **{name: getattr(cfg, name) for name in VLLM_FIELDS}} if cfg.use_vllm else {}
+    return TRLGRPOConfig(
+        **trl_arguments(cfg, spec, device),
+        num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.beta, epsilon=cfg.epsilon,
+        loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards,
+        reward_weights=[cfg.rewards[n] for n in cfg.rewards], **vllm,
+    )
+
+
 def run(spec: StageSpec) -> dict:
     cfg = GRPOConfig(**spec.config)
     seed_everything(spec.seed)
     device = pick_device(spec.device)
     tokenizer = load_tokenizer(spec.inputs["model"], padding_side="left")
     names = list(cfg.rewards)
-    args = TRLGRPOConfig(
-        **trl_arguments(cfg, spec, device),
-        num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
-        temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.beta, epsilon=cfg.epsilon,
-        loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards,
-        reward_weights=[cfg.rewards[n] for n in names],
-    )
+    args = grpo_arguments(cfg, spec, device)
     trainer = GRPOTrainer(
         model=load_model(spec.inputs["model"], device, for_training=True), args=args, processing_class=tokenizer,
         reward_funcs=[REWARDS[n] for n in names],
