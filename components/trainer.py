@@ -7,6 +7,7 @@ stage changes no GRPO stage key, and the other way round.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -94,5 +95,8 @@ def save_trained(trainer, tokenizer, out: Path) -> dict:
     if trainer.is_world_process_zero():
         (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the stage's spec.json says it all
     plugin = trainer.accelerator.state.deepspeed_plugin if trainer.is_deepspeed_enabled else None
-    return {"model": str(out), "world_size": trainer.accelerator.num_processes,
+    world = trainer.accelerator.num_processes
+    # torchrun sets LOCAL_WORLD_SIZE: the processes on this machine (every machine starts as many)
+    machines = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return {"model": str(out), "world_size": world, "machines": machines,
             "deepspeed_zero_stage": plugin.zero_stage if plugin else None}

@@ -102,7 +102,8 @@ def print_summary(summary: dict, seconds: float) -> None:
                        f"{seconds_taken:.1f}" if seconds_taken is not None else "")
     console.print(stages)
     if "metrics" not in summary:  # --only: one stage
-        console.print(f"{seconds / 60:.1f} min; MLflow run {summary['run_id']}")
+        recorded = f"MLflow run {summary['run_id']}" if summary["run_id"] else "recorded by machine rank 0"
+        console.print(f"{seconds / 60:.1f} min; {recorded}")
         return
     table = Table(title=f"r1flow results (run {summary['run_id'][:8]}, {seconds / 60:.1f} min)",
                   caption="ver: in the MLflow registry as <prefix>-<model>; ★ champion", box=box.SIMPLE_HEAD,

@@ -45,6 +45,7 @@ from flows.stages import (
     cached_output,
     inputs_of,
     install,
+    machines,
     read_result,
     run_stage,
     scratch_folder,
@@ -169,9 +170,26 @@ def stage_flow(stage: str, config: str | None = None, overrides: list[str] | Non
     deployments, and where the pipeline sends GPU stages (logging into the MLflow run ``run_id``).
     ``root``: where the workspace is; none: ``$R1FLOW_ROOT``, else the working directory."""
     label = f" (only {check_stage(stage)})"
+    if (group := machines()) is not None and group.follower:
+        return follow(stage, config, overrides, root)
     with pipeline_run(config, overrides, root, label=label, own_run=run_id is None) as ctx:
         out = run_only(ctx, stage, force, run_id)
         return {**summary(ctx), "stages": {stage: out.cached}, "result": out.result, "stage_run_id": out.run_id}
+
+
+def follow(stage: str, config: str | None, overrides: list[str] | None, root: str | None) -> dict:
+    """A machine of rank > 0 in a multi-machine training stage: it fetches the inputs and trains
+    its share; rank 0's machine writes the output and every MLflow record."""
+    profile = load_profile(config, overrides)
+    workspace = Path(root or os.environ.get("R1FLOW_ROOT") or ".").resolve() / profile.workspace
+    outputs = {}
+    for s in RECIPE:
+        if s.name in upstream(stage):
+            outputs[s.name] = cached_output(s, inputs_of(s, outputs, profile), profile, workspace)
+    step = recipe_step(stage)
+    _, key, _ = run_stage(step.name, step.module, section(profile, step), inputs_of(step, outputs, profile), profile,
+                          workspace, force=True)
+    return {"run_id": None, "stages": {stage: False}, "key": key, "machine_rank": machines().rank}
 
 
 @contextmanager

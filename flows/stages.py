@@ -142,12 +142,42 @@ def file_digest(path: Path | None) -> str | None:
 
 def runtime_identity(module: str, profile: Profile) -> dict:
     """The runtime settings that change a stage's output: device, generation backend and, for a
-    training stage under accelerate, the content of its config (world size, ZeRO stage, precision)."""
+    training stage under accelerate, the content of its config (world size, ZeRO stage, precision)
+    and the number of machines it spans."""
     runtime = profile.runtime
     identity = {"device": runtime.device, "generation_backend": runtime.generation_backend}
     if runtime.launcher == "accelerate" and module in DISTRIBUTED:
         identity["accelerate_config"] = file_digest(runtime.accelerate_config)
+        if (group := machines()) is not None:
+            identity["machines"] = group.count
     return identity
+
+
+@dataclass(frozen=True)
+class Machines:
+    """This machine's place in a multi-machine training launch, from its environment (or the
+    Prefect job variables' ``env``): every machine runs the same stage with the same spec."""
+
+    count: int
+    rank: int
+    main_ip: str
+    main_port: int
+
+    @property
+    def follower(self) -> bool:
+        """Not rank 0: it trains, but writes no stage output and no MLflow record."""
+        return self.rank > 0
+
+
+def machines() -> Machines | None:
+    count = int(os.environ.get("R1FLOW_NUM_MACHINES", "1"))
+    if count < 2:
+        return None
+    try:
+        return Machines(count, int(os.environ["R1FLOW_MACHINE_RANK"]), os.environ["R1FLOW_MAIN_PROCESS_IP"],
+                        int(os.environ.get("R1FLOW_MAIN_PROCESS_PORT", "29500")))
+    except KeyError as missing:
+        raise ValueError(f"R1FLOW_NUM_MACHINES={count} needs {missing.args[0]} in the environment") from None
 
 
 def stage_key(module: str, config: Section, inputs: dict[str, Artifact], profile: Profile) -> str:
@@ -159,8 +189,14 @@ def stage_key(module: str, config: Section, inputs: dict[str, Artifact], profile
 def launch_command(module: str, spec_path: Path, profile: Profile) -> list[str]:
     python = profile.runtime.stage_python or sys.executable
     if profile.runtime.launcher == "accelerate" and module in DISTRIBUTED:
+        group = machines()
+        # Several machines: each starts its share of the processes (the config's num_processes is the
+        # total), rank 0's address is the rendezvous; torchrun-style launch on each, no ssh between them.
+        across = [] if group is None else [
+            "--num_machines", str(group.count), "--machine_rank", str(group.rank), "--main_process_ip",
+            group.main_ip, "--main_process_port", str(group.main_port), "--deepspeed_multinode_launcher", "standard"]
         return [python, "-m", "accelerate.commands.launch", "--config_file", str(profile.runtime.accelerate_config),
-                "-m", f"components.{module}", "--spec", str(spec_path)]
+                *across, "-m", f"components.{module}", "--spec", str(spec_path)]
     return [python, "-m", f"components.{module}", "--spec", str(spec_path)]
 
 
@@ -249,18 +285,20 @@ def run_stage(name: str, module: str, config: Section, inputs: dict[str, Artifac
     """
     key = stage_key(module, config, inputs, profile)
     final, store = stage_folder(workspace, name, key), store_of(profile)
-    if not force and fetch(store, workspace, name, key):
+    group = machines() if profile.runtime.launcher == "accelerate" and module in DISTRIBUTED else None
+    if not force and group is None and fetch(store, workspace, name, key):
         return final, key, True
     tmp = scratch_folder(final)
     tmp.mkdir(parents=True)
-    checkpoints = checkpoint_folder(workspace, name, key)
-    if store is not None:  # another worker may have got further with this stage: continue from there
+    # Across machines, each keeps its own ZeRO shards of a checkpoint: no resume yet, so none saved.
+    checkpoints = checkpoint_folder(workspace, name, key) if group is None else None
+    if store is not None and checkpoints is not None:  # another worker may have got further: go on from there
         fetch_checkpoint(checkpoints, store.path(f"checkpoints/{name}/{key}"))
     spec = StageSpec(stage=name, config=config.model_dump(mode="json"), output=tmp,
                      inputs={k: v.path for k, v in inputs.items()}, seed=profile.seed,
                      device=profile.runtime.device, prompt_template=profile.prompt_template,
                      generation_backend=profile.runtime.generation_backend, checkpoints=checkpoints,
-                     checkpoint_store=store.path(f"checkpoints/{name}/{key}") if store else None)
+                     checkpoint_store=store.path(f"checkpoints/{name}/{key}") if store and checkpoints else None)
     spec_path = spec.write(tmp / "spec.json")
     on_cpu = profile.runtime.device == "cpu" or (profile.runtime.device == "auto" and not _has_cuda())
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
@@ -275,6 +313,9 @@ def run_stage(name: str, module: str, config: Section, inputs: dict[str, Artifac
         process.wait()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if group is not None and group.follower and process.returncode == 0:  # rank 0's machine keeps the output
+        shutil.rmtree(tmp, ignore_errors=True)
+        return final, key, False
     if process.returncode != 0 or not (tmp / "result.json").exists():
         logs = workspace / "logs"
         logs.mkdir(exist_ok=True)
@@ -285,7 +326,8 @@ def run_stage(name: str, module: str, config: Section, inputs: dict[str, Artifac
     shutil.rmtree(tmp / "trainer", ignore_errors=True)  # the Trainer's scratch: checkpoints already moved out
     install(tmp, final)
     publish(store, final, name, key)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    if checkpoints is not None:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     return final, key, False
 
 

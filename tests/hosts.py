@@ -38,6 +38,14 @@ class Hosts:
     def root(self, name: str) -> Path:
         return self.folder / name
 
+    def host_address(self, name: str) -> str:
+        """A host's own address on the bridge (127.0.0.1 without namespaces)."""
+        return f"{self.subnet}.{10 + self.names.index(name)}" if self.isolated else "127.0.0.1"
+
+    def interface(self, name: str) -> str:
+        """A host's network interface: for libraries that must be told which one (gloo)."""
+        return f"{self.bridge}p{10 + self.names.index(name)}" if self.isolated else "lo"
+
     def _create(self) -> None:
         ip = lambda *args: subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
         ip("link", "add", self.bridge, "type", "bridge")
