@@ -41,3 +41,20 @@ def test_training_stage_runs_data_parallel_under_deepspeed(module, two_process_p
         assert result["last_loss"] < result["first_loss"]
     steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps.count(steps[0]) == 1  # logged by rank 0 only
+
+
+def test_zero3_shards_the_parameters_and_saves_a_whole_model(random_model, micro_data, tmp_path):
+    launch = tmp_path / "zero3x2.yaml"
+    launch.write_text((CONFIGS / "accelerate" / "zero3.yaml").read_text().replace("num_processes: 1",
+                                                                                 "num_processes: 2"))
+    profile = load_profile(CONFIGS / "micro.yaml", ["runtime.device=cpu", "runtime.launcher=accelerate",
+                                                   f"runtime.accelerate_config={launch}"])
+    section = profile.cold_start.model_copy(update={"max_steps": 4})
+    folder, _, _ = run_stage("sft", "sft", section, {"model": Artifact(str(random_model), "random"),
+                                                     "data": Artifact(str(micro_data / "cold_start.jsonl"), "micro")},
+                             profile, tmp_path)
+    result = json.loads((folder / "result.json").read_text())
+    assert result["world_size"] == 2 and result["deepspeed_zero_stage"] == 3
+    saved = load_file(folder / "model" / "model.safetensors")  # gathered from both ranks' shards
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in load_file(random_model /
+                                                                                       "model.safetensors").items()}
