@@ -28,7 +28,8 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check components flows tests bench
 
-# Generated state, except the DVC remote: it holds every data version ever pushed.
+# Generated state, except the DVC remote and `r1flow servers`' data (its bucket holds the stage
+# store and the S3 DVC remote): they hold every data version ever pushed.
 clean:
-	find .r1flow -mindepth 1 -maxdepth 1 ! -name dvc-remote -exec rm -rf {} + 2>/dev/null || true
+	find .r1flow -mindepth 1 -maxdepth 1 ! -name dvc-remote ! -name servers -exec rm -rf {} + 2>/dev/null || true
 	rm -rf data

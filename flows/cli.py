@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -224,7 +225,6 @@ def deploy(prefect_file: Path = PrefectFileOption, pools: list[str] = PoolOption
     server at PREFECT_API_URL, creating the work pools first. Without ``--store``, workers run in
     this checkout's path; with it, each flow run pulls this code from the bucket."""
     import asyncio
-    import os
 
     if not os.environ.get("PREFECT_API_URL"):
         _fail("deploy: set PREFECT_API_URL to a Prefect server (e.g. http://127.0.0.1:4200/api; "
@@ -280,8 +280,6 @@ def servers(host: str = typer.Option("127.0.0.1", help="bind address (loopback u
         stack, processes = start_stack(folder.resolve(), host, Ports(s3_port, mlflow_port, prefect_port), backend)
     except (OSError, RuntimeError) as error:
         _fail(f"servers: {error} (logs in {folder})")
-    import os
-
     keys = "as exported" if os.environ.get("AWS_SECRET_ACCESS_KEY") else f"source {folder / 's3.env'}"
     print(f"# S3 (SeaweedFS) {stack.endpoint}, bucket {BUCKET}; MLflow {stack.tracking_uri}; Prefect {stack.prefect_api}\n"
           f"export AWS_ENDPOINT_URL_S3={stack.endpoint} PREFECT_API_URL={stack.prefect_api}\n"
