@@ -26,6 +26,7 @@ SHAPES = {  # Qwen2.5-0.5B's architecture; micro: the same family, small enough 
     "micro": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                   "intermediate_size": 128, "vocab_size": 512},
 }
+GROUP = 8  # GRPO completions per prompt, and per step
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
 
 
@@ -88,7 +89,7 @@ def grpo_check(model, tokenizer, device: str, steps: int, completion: int, vllm:
     model.generate = timed_generate
     prompts = Dataset.from_dict({"prompt": [f"{a} + {b} =" for a, b in zip(range(64), range(64, 128))]})
     with tempfile.TemporaryDirectory() as scratch:
-        args = GRPOConfig(output_dir=scratch, max_steps=steps, per_device_train_batch_size=8, num_generations=8,
+        args = GRPOConfig(output_dir=scratch, max_steps=steps, per_device_train_batch_size=GROUP, num_generations=GROUP,
                           max_completion_length=completion, learning_rate=1e-6, beta=0.0, report_to="none",
                           logging_steps=1, save_strategy="no", use_cpu=device == "cpu", bf16=device == "cuda",
                           disable_tqdm=True, **({"use_vllm": True, "vllm_mode": vllm} if vllm else {}))
@@ -100,7 +101,7 @@ def grpo_check(model, tokenizer, device: str, steps: int, completion: int, vllm:
         sync(device)
         seconds = time.perf_counter() - started
     lengths = [row["completions/mean_length"] for row in trainer.state.log_history if "completions/mean_length" in row]
-    generated = sum(lengths) * 8  # mean completion tokens × completions per step
+    generated = sum(lengths) * GROUP  # mean completion tokens × completions per step (one prompt's group)
     return {"grpo_seconds_per_step": seconds / steps, "grpo_generated_tokens_per_s": generated / max(generating[0], 1e-9),
             "grpo_generation_share": generating[0] / seconds if not vllm else None}
 

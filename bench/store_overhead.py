@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flows.servers import BUCKET, free_port, seaweedfs, stop, wait_for
+from flows.servers import BUCKET, free_port, seaweedfs, stop
 
 BIN = Path(sys.executable).parent
 
@@ -43,7 +43,6 @@ def main() -> None:
         server = seaweedfs(Path(scratch) / "seaweedfs", "127.0.0.1", port, keys)
         env = {**os.environ, **keys, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
         try:
-            wait_for(f"http://127.0.0.1:{port}", server, 60, answered=lambda status: True)
             times: dict[str, list[float]] = {"local": [], "s3": []}
             for repeat in range(args.repeats):
                 for kind in ("local", "s3"):

@@ -3,8 +3,8 @@
     stage_datasets(data_dir, {"prompts/train.jsonl": path, ...})   # then version_data(root)
     restore_data_stage(data_dir, folder)                           # r1flow rerun
 
-The remote is a folder in the workspace by default, ``dvc/`` in the stage store's bucket with one. The repository is initialised
-on first use, so a fresh clone needs no ``dvc init``.
+The remote is a folder in the workspace by default, ``dvc/`` in the stage store's bucket with
+one. The repository is initialised on first use, so a fresh clone needs no ``dvc init``.
 """
 
 from __future__ import annotations

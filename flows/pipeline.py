@@ -128,15 +128,20 @@ def restore_data(ctx: Context, data_dir: Path) -> StageOutput:
     return out
 
 
-def run_only(ctx: Context, name: str, force: bool, run_id: str | None) -> StageOutput:
-    """One stage on the cached outputs of everything it needs (never sent elsewhere: this is
-    what runs on the worker a stage was sent to)."""
+def cached_inputs(name: str, profile: Profile, workspace: Path) -> dict[str, Artifact]:
+    """A stage's inputs from the cached outputs of everything it needs (fetched from the store
+    where this workspace lacks them); ``MissingInput`` names one that nobody has."""
     outputs = {}
     for s in RECIPE:
         if s.name in upstream(name):
-            outputs[s.name] = cached_output(s, inputs_of(s, outputs, ctx.profile), ctx.profile, ctx.workspace)
-    target = recipe_step(name)
-    return value(stage(ctx, target, inputs_of(target, outputs, ctx.profile), force, run_id))
+            outputs[s.name] = cached_output(s, inputs_of(s, outputs, profile), profile, workspace)
+    return inputs_of(recipe_step(name), outputs, profile)
+
+
+def run_only(ctx: Context, name: str, force: bool, run_id: str | None) -> StageOutput:
+    """One stage on the cached outputs of everything it needs (never sent elsewhere: this is
+    what runs on the worker a stage was sent to)."""
+    return value(stage(ctx, recipe_step(name), cached_inputs(name, ctx.profile, ctx.workspace), force, run_id))
 
 
 def selected(profile: Profile) -> set[str]:
@@ -182,13 +187,9 @@ def follow(stage: str, config: str | None, overrides: list[str] | None, root: st
     its share; rank 0's machine writes the output and every MLflow record."""
     profile = load_profile(config, overrides)
     workspace = Path(root or os.environ.get("R1FLOW_ROOT") or ".").resolve() / profile.workspace
-    outputs = {}
-    for s in RECIPE:
-        if s.name in upstream(stage):
-            outputs[s.name] = cached_output(s, inputs_of(s, outputs, profile), profile, workspace)
     step = recipe_step(stage)
-    _, key, _ = run_stage(step.name, step.module, section(profile, step), inputs_of(step, outputs, profile), profile,
-                          workspace, force=True)
+    _, key, _ = run_stage(step.name, step.module, section(profile, step), cached_inputs(stage, profile, workspace),
+                          profile, workspace, force=True)
     return {"run_id": None, "stages": {stage: False}, "key": key, "machine_rank": machines().rank}
 
 

@@ -83,7 +83,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def seaweedfs(folder: Path, host: str, port: int, keys: dict[str, str]) -> subprocess.Popen:
     """``weed mini`` (master, volume, filer, S3 in one process) serving S3 on ``host:port`` with
-    one identity: these access keys, full rights."""
+    one identity: these access keys, full rights; returned once S3 answers."""
     folder.mkdir(parents=True, exist_ok=True)
     identity = folder / "s3-identity.json"
     identity.touch(mode=0o600)
@@ -95,7 +95,13 @@ def seaweedfs(folder: Path, host: str, port: int, keys: dict[str, str]) -> subpr
                "-master.telemetry=false", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0",
                "-s3.port.lance=0", f"-s3.config={identity}", f"-s3.port={port}", f"-bucket={BUCKET}",
                *(f"-{name}.port={number}" for name, number in ports.items())]
-    return _start(command, folder / "seaweedfs.log", os.environ)
+    process = _start(command, folder / "seaweedfs.log", os.environ)
+    try:
+        wait_for(f"http://{host}:{port}", process, 60, answered=lambda status: True)  # 403 before auth: it is up
+    except BaseException:
+        stop([process])
+        raise
+    return process
 
 
 def mlflow_server(folder: Path, stack: Stack, backend: str, artifacts: str) -> subprocess.Popen:
@@ -139,7 +145,6 @@ def start_stack(folder: Path, host: str = "127.0.0.1", ports: Ports | None = Non
         ensure_database(backend)
     processes = [seaweedfs(folder / "seaweedfs", host, stack.ports.s3, stack.keys)]
     try:
-        wait_for(stack.endpoint, processes[0], 60, answered=lambda status: True)  # 403 before auth: it is up
         processes.append(mlflow_server(folder, stack, backend, f"s3://{BUCKET}/mlflow"))
         processes.append(prefect_server(folder, stack))
         wait_for(f"{stack.tracking_uri}/health", processes[1], 180)

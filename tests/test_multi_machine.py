@@ -35,7 +35,6 @@ def machines(tmp_path_factory):
     try:
         servers.append(seaweedfs(folder / "seaweedfs", stack.host, stack.ports.s3, keys))
         servers.append(prefect_server(folder, stack))
-        wait_for(stack.endpoint, servers[0], 60, answered=lambda status: True)
         wait_for(f"{stack.prefect_api}/health", servers[1], 180)
         launch = folder / "zero2-two-machines.yaml"  # num_processes is the total: one process a machine
         launch.write_text((ROOT / "configs/accelerate/zero2.yaml").read_text().replace("num_processes: 1",
@@ -68,13 +67,17 @@ def r1flow_only(machines: dict, host: str, stage: str, across: bool = True):
     return hosts.start(host, command, machines["env"](host, across), ROOT, log), log
 
 
+@pytest.fixture(scope="module")
+def inputs(machines):
+    """The training stages' inputs, made once on machine 0 and uploaded to the store."""
+    for upstream in ("data", "base"):
+        process, log = r1flow_only(machines, "m0", upstream, across=False)
+        assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
+
+
 @pytest.mark.parametrize("stage", ["cold_start", "r1_zero"])  # SFT, then GRPO
-def test_a_training_stage_spans_two_machines(machines, stage):
+def test_a_training_stage_spans_two_machines(machines, inputs, stage):
     hosts = machines["hosts"]
-    if not (hosts.root("m0") / ".r1flow" / "stages" / "base").exists():  # the inputs, once, into the store
-        for upstream in ("data", "base"):
-            process, log = r1flow_only(machines, "m0", upstream, across=False)
-            assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
     started = [r1flow_only(machines, name, stage) for name in hosts.names]
     for process, log in started:
         assert process.wait(timeout=900) == 0, log.read_text()[-4000:]

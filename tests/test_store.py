@@ -18,7 +18,7 @@ from components import base
 from components.config import ModelConfig
 from components.stage_io import fetch_checkpoint
 from components.store import CorruptObject, Store
-from flows.servers import BUCKET, free_port, seaweedfs, stop, wait_for
+from flows.servers import BUCKET, free_port, seaweedfs, stop
 from flows.stages import fetch, stage_folder
 
 TINY = ModelConfig(hidden_size=16, num_hidden_layers=1, intermediate_size=32, pretrain_examples=64,
@@ -31,21 +31,18 @@ def s3(tmp_path_factory):
     keys = {"AWS_ACCESS_KEY_ID": "store-test", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16)}
     port = free_port()
     server = seaweedfs(tmp_path_factory.mktemp("seaweedfs"), "127.0.0.1", port, keys)
-    saved = {k: os.environ.get(k) for k in (*keys, "AWS_ENDPOINT_URL_S3")}
-    os.environ.update({**keys, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"})
-    try:
-        wait_for(f"http://127.0.0.1:{port}", server, 60, answered=lambda status: True)
-        store = Store.at(f"s3://{BUCKET}")
-        for _ in range(60):  # the bucket is made just after S3 answers
-            if store.fs.exists(BUCKET):
-                break
-            time.sleep(0.5)
-        yield Store.at(f"s3://{BUCKET}/{secrets.token_hex(4)}")
-    finally:
-        stop([server])
-        os.environ.update({k: v for k, v in saved.items() if v is not None})
-        for k in (k for k, v in saved.items() if v is None):
-            os.environ.pop(k, None)
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {**keys, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}.items():
+            env.setenv(name, value)
+        try:
+            store = Store.at(f"s3://{BUCKET}")
+            for _ in range(60):  # the bucket is made just after S3 answers
+                if store.fs.exists(BUCKET):
+                    break
+                time.sleep(0.5)
+            yield Store.at(f"s3://{BUCKET}/{secrets.token_hex(4)}")
+        finally:
+            stop([server])
 
 
 def folder_with(path: Path, files: dict[str, bytes]) -> Path:
