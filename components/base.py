@@ -32,7 +32,7 @@ from components.modeling import (
 from components.stage_io import (
     MetricsLog,
     keep_checkpoint,
-    parse_spec,
+    main,
     resume_from,
     seed_everything,
     write_result,
@@ -238,5 +238,5 @@ def run(cfg: ModelConfig, seed: int, template: str, output: Path, checkpoints: P
 
 
 if __name__ == "__main__":
-    spec = parse_spec()
-    run(ModelConfig(**spec.config), spec.seed, spec.prompt_template, spec.output, spec.checkpoints, spec.checkpoint_store)
+    main(lambda spec: run(ModelConfig(**spec.config), spec.seed, spec.prompt_template, spec.output, spec.checkpoints,
+                          spec.checkpoint_store))

@@ -23,7 +23,7 @@ from components.addition import (
 from components.benchmarks import decontaminate, import_benchmark
 from components.config import DataConfig
 from components.jsonl import write_jsonl
-from components.stage_io import StageSpec, parse_spec, write_result
+from components.stage_io import StageSpec, main, write_result
 
 
 def _operand(rng: random.Random, cfg: DataConfig) -> int:
@@ -102,4 +102,4 @@ def run(spec: StageSpec) -> dict:
 
 
 if __name__ == "__main__":
-    run(parse_spec())
+    main(run)

@@ -18,7 +18,7 @@ from components.generation import Sampling, generate
 from components.jsonl import load_jsonl, write_jsonl
 from components.modeling import load_tokenizer, render_prompt
 from components.rewards import extract_answer, format_reward, is_correct, language_reward
-from components.stage_io import StageSpec, parse_spec, seed_everything, write_result
+from components.stage_io import StageSpec, main, seed_everything, write_result
 
 
 def majority(answers: list[str | None]) -> str | None:
@@ -79,4 +79,4 @@ def run(spec: StageSpec) -> dict:
 
 
 if __name__ == "__main__":
-    run(parse_spec())
+    main(run)

@@ -23,7 +23,7 @@ from components.generation import Sampling, sample
 from components.jsonl import load_jsonl
 from components.modeling import load_model, load_tokenizer, pick_device, render_prompt
 from components.rewards import REWARDS, accuracy_reward
-from components.stage_io import StageSpec, parse_spec, seed_everything, write_result
+from components.stage_io import StageSpec, main, seed_everything, write_result
 from components.trainer import (
     TrainerLog,
     callbacks,
@@ -129,4 +129,4 @@ def run(spec: StageSpec) -> dict:
 
 
 if __name__ == "__main__":
-    run(parse_spec())
+    main(run)

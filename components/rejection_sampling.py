@@ -18,7 +18,7 @@ from components.generation import Sampling, generate
 from components.jsonl import load_jsonl, write_jsonl
 from components.modeling import load_tokenizer, render_prompt
 from components.rewards import accuracy_reward, extract_answer, format_reward, language_reward
-from components.stage_io import StageSpec, parse_spec, seed_everything, write_result
+from components.stage_io import StageSpec, main, seed_everything, write_result
 
 
 def accept(record: dict, completions: list[str]) -> tuple[list[str], dict]:
@@ -80,4 +80,4 @@ def run(spec: StageSpec) -> dict:
 
 
 if __name__ == "__main__":
-    run(parse_spec())
+    main(run)

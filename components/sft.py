@@ -15,7 +15,7 @@ from trl import SFTTrainer
 from components.config import SFTConfig
 from components.jsonl import load_jsonl
 from components.modeling import load_model, load_tokenizer, pick_device, render_prompt
-from components.stage_io import StageSpec, parse_spec, seed_everything, write_result
+from components.stage_io import StageSpec, main, seed_everything, write_result
 from components.trainer import callbacks, loss_summary, save_trained, train_resumable, trl_arguments
 
 
@@ -41,4 +41,4 @@ def run(spec: StageSpec) -> dict:
 
 
 if __name__ == "__main__":
-    run(parse_spec())
+    main(run)

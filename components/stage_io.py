@@ -9,12 +9,15 @@ the whole interface, so a stage can run in another environment or on another mac
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import random
 import shutil
 import signal
 import sys
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +46,30 @@ class StageSpec:
         raw = json.loads(Path(path).read_text())
         checkpoints = raw.get("checkpoints")
         return cls(**{**raw, "output": Path(raw["output"]), "checkpoints": Path(checkpoints) if checkpoints else None})
+
+
+ERROR_MARK = "r1flow-stage-error: "  # the last line of a stage log that failed on its input
+
+
+def main(run: Callable[[StageSpec], object]) -> None:
+    """A stage's entry point: run it on its spec. Bad input (a ValueError or missing file, whose
+    message names the file, row or key) and a full disk end the process with one marked line
+    that the runner shows instead of a traceback; the traceback stays in the stage log."""
+    spec = parse_spec()
+    try:
+        run(spec)
+    except (ValueError, FileNotFoundError, PermissionError) as error:
+        fail(spec, str(error))
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        fail(spec, f"no space left on the device writing {error.filename or spec.output}")
+
+
+def fail(spec: StageSpec, message: str) -> None:
+    traceback.print_exc()
+    print(ERROR_MARK + " ".join(message.split()), file=sys.stderr, flush=True)
+    sys.exit(3)
 
 
 def parse_spec() -> StageSpec:

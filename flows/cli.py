@@ -81,12 +81,28 @@ def _fail(message: str, code: int = 1) -> None:
 def _reported(what: str):
     """The errors a user can act on, as one message and exit 1 instead of a traceback (a failed
     data validation is a ValueError)."""
+    import logging
+
     from flows.stages import StageFailed
 
+    expected = (StageFailed, FileNotFoundError, LookupError, ValueError)
+
+    def one_line(record: logging.LogRecord) -> bool:
+        # Prefect logs a failed task and flow with the traceback; for these the message is the news.
+        if record.exc_info and isinstance(record.exc_info[1], expected):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+    loggers = [logging.getLogger(name) for name in ("prefect.task_runs", "prefect.flow_runs")]
+    for logger in loggers:
+        logger.addFilter(one_line)
     try:
         yield
-    except (StageFailed, FileNotFoundError, LookupError, ValueError) as error:
+    except expected as error:
         _fail(f"{what} failed: {error}")
+    finally:
+        for logger in loggers:
+            logger.removeFilter(one_line)
 
 
 SHORT = {"greedy_accuracy": "greedy", "format_rate": "format", "language_consistency": "lang",

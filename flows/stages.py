@@ -31,7 +31,7 @@ from pathlib import Path
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from components.config import Profile, Section, content_hash
-from components.stage_io import StageSpec, fetch_checkpoint
+from components.stage_io import ERROR_MARK, StageSpec, fetch_checkpoint
 from components.store import Store
 from flows.forkserver import ForkServer
 from flows.recipe import RECIPE, Step
@@ -319,16 +319,27 @@ def run_stage(name: str, module: str, config: Section, inputs: dict[str, Artifac
     if process.returncode != 0 or not (tmp / "result.json").exists():
         logs = workspace / "logs"
         logs.mkdir(exist_ok=True)
-        kept = shutil.move(log_path, logs / f"{name}-{key}.log")
+        kept = Path(shutil.move(log_path, logs / f"{name}-{key}.log"))
         shutil.rmtree(tmp, ignore_errors=True)
-        tail = "\n".join(Path(kept).read_text().splitlines()[-15:])
-        raise StageFailed(f"stage {name!r} failed (exit {process.returncode}); full log: {kept}\n{tail}")
+        raise StageFailed(failure(name, process.returncode, kept, workspace))
     shutil.rmtree(tmp / "trainer", ignore_errors=True)  # the Trainer's scratch: checkpoints already moved out
     install(tmp, final)
     publish(store, final, name, key)
     if checkpoints is not None:
         shutil.rmtree(checkpoints, ignore_errors=True)
     return final, key, False
+
+
+def failure(name: str, code: int, log: Path, workspace: Path) -> str:
+    """Why a stage failed: the one line it gave for bad input or a full disk, else the tail of its log."""
+    lines = log.read_text(errors="replace").splitlines()
+    marked = [line.removeprefix(ERROR_MARK) for line in lines[-5:] if line.startswith(ERROR_MARK)]
+    if marked:
+        return f"stage {name!r}: {marked[-1]} (log: {log})"
+    if shutil.disk_usage(workspace).free < 1 << 20:  # too full even to log why
+        return f"stage {name!r}: no space left on the device holding {workspace} (log: {log})"
+    tail = "\n".join(lines[-15:])
+    return f"stage {name!r} failed (exit {code}); full log: {log}\n{tail}"
 
 
 _FORK_SERVERS: dict[tuple, ForkServer] = {}

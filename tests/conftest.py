@@ -21,7 +21,22 @@ from flows.environment import configure
 
 configure(_SESSION / "workspace")
 
+import reliability_doc
+
 from components.config import DataConfig, ModelConfig
+
+
+def pytest_addoption(parser):
+    reliability_doc.addoption(parser)
+
+
+def pytest_runtest_logreport(report):
+    reliability_doc.collect(report)
+
+
+def pytest_sessionfinish(session):
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # the controller (or a run without xdist) has every report
+        reliability_doc.write(session.config.getoption("reliability_doc"))
 
 
 def pytest_configure(config):
@@ -69,6 +84,7 @@ def pytest_collection_modifyitems(config, items):
     """``gpu`` tests need CUDA: skipped, with the reason shown, on machines without it."""
     import torch
 
+    reliability_doc.describe(items)
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         for item in items:
