@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import random
+import struct
 import time
 from pathlib import Path
 
@@ -200,10 +201,96 @@ def gguf_location(cfg: ModelConfig) -> tuple[str, str]:
     return cfg.path, cfg.gguf_file
 
 
+# GGUF metadata value types (the format's numbering) -> struct codes; 8 is a string, 9 an array.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
+                 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+class _GGUFHeader:
+    """Reads a GGUF header field by field, refusing any field that would run past the file's end."""
+
+    def __init__(self, fh, path: Path):
+        self.fh, self.path, self.size = fh, path, path.stat().st_size
+
+    def room(self, n: int, what: str) -> int:
+        # Checked before reading or seeking: a garbled length must not become an allocation.
+        if n > self.size - self.fh.tell():
+            raise ValueError(f"{self.path}: GGUF file cut short ({self.size} bytes) inside {what}; "
+                             "download or copy it again")
+        return n
+
+    def skip(self, n: int, what: str) -> None:
+        self.fh.seek(self.room(n, what), 1)
+
+    def read(self, n: int, what: str) -> bytes:
+        return self.fh.read(self.room(n, what))
+
+    def number(self, code: str, what: str):
+        return struct.unpack("<" + code, self.read(struct.calcsize(code), what))[0]
+
+    def text(self, what: str) -> str:
+        return self.read(self.number("Q", what), what).decode(errors="replace")
+
+    def value(self, kind: int, what: str):
+        """A metadata value: a scalar or string is returned, an array skipped (None)."""
+        if kind == _GGUF_STRING:
+            return self.text(what)
+        if kind == _GGUF_ARRAY:
+            inner, count = self.number("I", what), self.number("Q", what)
+            if inner in _GGUF_SCALARS:  # a vocabulary's scores or token types: one seek
+                self.skip(count * struct.calcsize(_GGUF_SCALARS[inner]), what)
+            else:
+                for _ in range(count):
+                    self.value(inner, what)
+            return None
+        if kind not in _GGUF_SCALARS:
+            raise ValueError(f"{self.path}: not a valid GGUF file (value type {kind} in {what})")
+        return self.number(_GGUF_SCALARS[kind], what)
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a file that is not GGUF, or is cut short: its header, metadata and tensor table must
+    parse within the file and every tensor's data end before the file does. transformers reads
+    a truncated file into a traceback far from the cause; this reads the header (kilobytes to a
+    few MB), never the weights."""
+    from gguf.constants import GGML_QUANT_SIZES  # transformers needs gguf for GGUF models anyway
+
+    with path.open("rb") as fh:
+        header = _GGUFHeader(fh, path)
+        if header.read(4, "the header") != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (it does not start with 'GGUF')")
+        version = header.number("I", "the header")
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version}; versions 2 and 3 are supported")
+        tensors, entries = header.number("Q", "the header"), header.number("Q", "the header")
+        alignment = 32
+        for _ in range(entries):
+            key = header.text("the metadata")
+            value = header.value(header.number("I", f"metadata {key!r}"), f"metadata {key!r}")
+            if key == "general.alignment":
+                alignment = int(value)
+        end = 0
+        for _ in range(tensors):
+            name = header.text("the tensor table")
+            what = f"tensor {name!r}"
+            dims = [header.number("Q", what) for _ in range(header.number("I", what))]
+            kind, offset = header.number("I", what), header.number("Q", what)
+            if kind not in GGML_QUANT_SIZES:
+                raise ValueError(f"{path}: {what} has unknown GGML type {kind}")
+            block, block_bytes = GGML_QUANT_SIZES[kind]
+            end = max(end, offset + math.prod(dims) // block * block_bytes)
+        data = -(-fh.tell() // alignment) * alignment  # tensor data starts aligned after the table
+    if data + end > header.size:
+        raise ValueError(f"{path}: GGUF file cut short: {header.size} bytes, its tensors need "
+                         f"{data + end}; download or copy it again")
+
+
 def convert_gguf(cfg: ModelConfig, out: Path) -> dict:
     folder, name = gguf_location(cfg)
     if not (Path(folder) / name).is_file():
         raise FileNotFoundError(f"base: GGUF file not found: {Path(folder) / name}")
+    check_gguf(Path(folder) / name)
     quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     config = quantised.config

@@ -9,6 +9,7 @@ benchmark scores measure reasoning rather than recall.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -54,37 +55,85 @@ def _stem(path: Path) -> str:
 
 def _field(row: dict, name: str, path: Path, lineno: int) -> Any:
     if row.get(name) is None:
-        raise ValueError(f"{path}, line {lineno}: missing required field {name!r}")
+        raise ValueError(
+            f"{path}, line {lineno}: missing required field {name!r}; add it to the line"
+        )
     return row[name]
+
+
+def _text(row: dict, name: str, path: Path, lineno: int) -> str:
+    # A number or a list where text belongs would crash later (``.strip()``) or pass as a prompt.
+    value = _field(row, name, path, lineno)
+    if not isinstance(value, str) or not value.strip():
+        got = "empty text" if isinstance(value, str) else f"a JSON {_json_type(value)}"
+        raise ValueError(
+            f"{path}, line {lineno}: field {name!r} must be non-empty text, got {got}; "
+            "write it as a JSON string"
+        )
+    return value
+
+
+def _json_type(value: Any) -> str:
+    kinds = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def _take(path: Path, limit: int | None) -> Iterator[tuple[int, dict[str, Any]]]:
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
-    for count, item in enumerate(read_rows(path)):
+    count = 0
+    for item in read_rows(path):
         if limit is not None and count >= limit:
             return
+        count += 1
         yield item
+    if count == 0:
+        raise ValueError(
+            f"{path}: no rows (empty, or blank lines only); a benchmark file holds one JSON "
+            "object per line"
+        )
 
 
-def import_gsm8k(path: Path, limit: int | None = None) -> list[dict]:
+Rows = Iterator[tuple[int, dict]]
+
+
+def _importer(rows: Callable[[Path, int | None], Rows]) -> Callable[..., list[dict]]:
+    """An importer from a generator of (line, record): the file's records, refused when two share
+    an id or a question. The data suites demand both unique; here the lines are named, and a
+    duplicate cannot slip past them by landing in the split a suite does not check."""
+
+    @functools.wraps(rows)
+    def run(path: Path, limit: int | None = None) -> list[dict]:
+        path, records, seen = Path(path), [], {}
+        for lineno, record in rows(path, limit):
+            for key in ("question", "id"):
+                first = seen.setdefault((key, record[key]), lineno)
+                if first != lineno:
+                    what = "same question" if key == "question" else f"same id {record['id']!r}"
+                    raise ValueError(f"{path}, line {lineno}: duplicate prompt ({what} as line "
+                                     f"{first}); remove one of the two lines")
+            records.append(record)
+        return records
+
+    return run
+
+
+@_importer
+def import_gsm8k(path: Path, limit: int | None = None) -> Rows:
     """GSM8K: gold answer is the number after ``####``; the text before it is the solution."""
-    path, records = Path(path), []
     for lineno, row in _take(path, limit):
-        question, full = _field(row, "question", path, lineno), _field(row, "answer", path, lineno)
+        question, full = _text(row, "question", path, lineno), _text(row, "answer", path, lineno)
         solution, sep, final = full.rpartition("####")
         if not sep or not final.strip():
-            raise ValueError(f"{path}, line {lineno}: field 'answer' has no '#### N' final answer")
-        records.append(
-            {
-                "id": f"gsm8k-{_stem(path)}-{lineno - 1}",
-                "task": "gsm8k",
-                "question": question.strip(),
-                "answer": final.strip().replace(",", ""),
-                "solution": _CALC.sub("", solution).strip(),
-            }
-        )
-    return records
+            raise ValueError(f"{path}, line {lineno}: field 'answer' has no '#### N' final answer; "
+                             "end it with '#### ' and the number")
+        yield lineno, {
+            "id": f"gsm8k-{_stem(path)}-{lineno - 1}",
+            "task": "gsm8k",
+            "question": question.strip(),
+            "answer": final.strip().replace(",", ""),
+            "solution": _CALC.sub("", solution).strip(),
+        }
 
 
 def _level(value: Any) -> int | None:
@@ -95,13 +144,19 @@ def _level(value: Any) -> int | None:
     return int(found.group()) if found else None
 
 
-def import_math(path: Path, limit: int | None = None) -> list[dict]:
+@_importer
+def import_math(path: Path, limit: int | None = None) -> Rows:
     """Hendrycks MATH or MATH-500: ``answer`` field when present, else the solution's last box."""
-    path, records = Path(path), []
     for lineno, row in _take(path, limit):
-        problem = _field(row, "problem", path, lineno)
-        solution = _field(row, "solution", path, lineno)
+        problem = _text(row, "problem", path, lineno)
+        solution = _text(row, "solution", path, lineno)
         answer = row.get("answer")
+        if isinstance(answer, (bool, list, dict)):
+            # ValueError, not TypeError: to callers this is bad input, like a missing field.
+            raise ValueError(  # noqa: TRY004
+                f"{path}, line {lineno}: field 'answer' must be text or a number, got a JSON "
+                f"{_json_type(answer)}; write it as a JSON string"
+            )
         if answer is None:
             answer = boxed_answer(solution)
             if answer is None:
@@ -121,8 +176,7 @@ def import_math(path: Path, limit: int | None = None) -> list[dict]:
         subject = row.get("subject", row.get("type"))
         if subject is not None:
             record["subject"] = subject
-        records.append(record)
-    return records
+        yield lineno, record
 
 
 def countdown_question(numbers: list[int], target: int | str) -> str:
@@ -133,9 +187,9 @@ def countdown_question(numbers: list[int], target: int | str) -> str:
     )
 
 
-def import_countdown(path: Path, limit: int | None = None) -> list[dict]:
+@_importer
+def import_countdown(path: Path, limit: int | None = None) -> Rows:
     """Countdown: ``input`` is "30,100,93" (or a list), ``output`` the target."""
-    path, records = Path(path), []
     for lineno, row in _take(path, limit):
         raw = _field(row, "input", path, lineno)
         target = str(_field(row, "output", path, lineno)).strip()
@@ -144,16 +198,13 @@ def import_countdown(path: Path, limit: int | None = None) -> list[dict]:
             int(target)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}, line {lineno}: bad countdown input/output ({exc})") from exc
-        records.append(
-            {
-                "id": f"countdown-{_stem(path)}-{lineno - 1}",
-                "task": "countdown",
-                "question": countdown_question(numbers, target),
-                "answer": target,
-                "numbers": numbers,
-            }
-        )
-    return records
+        yield lineno, {
+            "id": f"countdown-{_stem(path)}-{lineno - 1}",
+            "task": "countdown",
+            "question": countdown_question(numbers, target),
+            "answer": target,
+            "numbers": numbers,
+        }
 
 
 IMPORTERS: dict[str, Callable[..., list[dict]]] = {

@@ -14,6 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -249,9 +250,15 @@ class Profile(Section):
     def _check_profile(self) -> Profile:
         if "{question}" not in self.prompt_template:
             raise ValueError("prompt_template must contain {question}")
-        if self.store is not None and (not self.store.startswith("s3://") or "@" in self.store.split("/")[2]):
-            raise ValueError(f"store: {self.store!r} is not s3://bucket/prefix (credentials come from AWS_* "
-                             "variables, never the URL)")
+        for key, uri, where in (("store", self.store, "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY"),
+                                ("tracking.tracking_uri", self.tracking.tracking_uri,
+                                 "MLFLOW_TRACKING_USERNAME/PASSWORD, PGPASSWORD")):
+            if uri is not None and has_credentials(uri):
+                # The URI is not echoed: this message reaches terminals and logs.
+                raise ValueError(f"{key}: credentials in the URI would be recorded with every run (MLflow, "
+                                 f"Prefect); remove them and set them in the environment ({where})")
+        if self.store is not None and not self.store.startswith("s3://"):
+            raise ValueError(f"store: {self.store!r} is not s3://bucket/prefix")
         sections = {"cold_start": "SFTConfig", "sft": "SFTConfig", "distill": "SFTConfig", "grpo": "GRPOConfig"}
         passed = {name: cls for name, cls in sections.items() if getattr(self, name).trl_args}
         if not passed:
@@ -265,6 +272,15 @@ class Profile(Section):
                 if key not in known:
                     raise ValueError(f"{section}.trl_args.{key}: not an argument of trl.{cls.__name__}")
         return self
+
+
+def has_credentials(uri: str) -> bool:
+    """Whether a URI carries a secret: user info (``user:secret@`` or a bucket's ``key@``), or a
+    password in its query string."""
+    parts = urlsplit(uri)
+    query = {name.lower() for name, _ in parse_qsl(parts.query)}
+    in_netloc = "@" in parts.netloc and (parts.scheme == "s3" or parts.password is not None)
+    return in_netloc or bool(query & {"password", "passwd", "secret", "token"})
 
 
 def _apply_override(raw: dict, assignment: str) -> None:

@@ -83,6 +83,9 @@ def build_datasets(cfg: DataConfig, seed: int, out: Path) -> dict:
         train = import_benchmark(cfg.source, cfg.train_path, limit=None)
         test = import_benchmark(cfg.source, cfg.test_path, limit=cfg.n_test)
         train, removed = decontaminate(train, test, n=cfg.decontamination_ngram)
+        if not train:
+            raise ValueError(f"data: every prompt of {cfg.train_path} overlaps {cfg.test_path} "
+                             "(decontamination removed them all); train on other problems")
         random.Random(seed).shuffle(train)
         validation, train = train[: cfg.n_validation], train[cfg.n_validation :][: cfg.n_train]
     traces = [t for t in map(cold_start_trace, train) if t is not None][: cfg.cold_start_size]

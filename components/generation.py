@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from rich.progress import Progress
 
-from components.modeling import load_model, load_tokenizer, pick_device
+from components.modeling import check_model_folder, load_model, load_tokenizer, pick_device
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ def _completion(tokenizer, ids: torch.Tensor) -> Completion:
 def _generate_vllm(model_dir, prompts: list[str], sampling: Sampling, seed: int) -> list[list[Completion]]:
     from vllm import LLM, SamplingParams  # GPU stage environment only
 
+    check_model_folder(model_dir)  # vLLM would load pickle weights too
     llm = LLM(model=str(model_dir), seed=seed)
     params = SamplingParams(
         n=sampling.k, temperature=0.0 if sampling.greedy else sampling.temperature,

@@ -6,6 +6,7 @@ Every model r1flow writes is a Hugging Face folder (safetensors, tokenizer, chat
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -51,8 +52,46 @@ def pick_device(requested: str = "auto") -> str:
     return requested
 
 
+# Weight formats that are Python pickles: loading one can run any code its author put in it.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_model_folder(path: str | Path) -> None:
+    """Refuse a local model folder that loading would have to run code from: remote code named
+    by ``auto_map``, or weights only as pickles. Checked on the files alone, before transformers
+    reads anything; a hub id (no such folder) is left to ``from_pretrained``'s own refusals."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        settings = _json_object(folder / name)
+        if settings.get("auto_map"):
+            raise ValueError(f"model folder {folder}: {name} has 'auto_map', code of its own "
+                             f"({', '.join(sorted(settings['auto_map']))}); r1flow never runs a "
+                             "model's own code: use a model whose architecture transformers ships")
+    if not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        found = f"only pickle weights ({', '.join(pickles)})" if pickles else "no weights"
+        raise ValueError(f"model folder {folder}: {found}; r1flow loads safetensors only "
+                         "(unpickling can run code): convert the weights to safetensors")
+
+
+def _json_object(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object")  # noqa: TRY004 - bad input, not a bug
+    return value
+
+
 def load_tokenizer(path: str | Path, padding_side: str = "left") -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(str(path), padding_side=padding_side)
+    check_model_folder(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), padding_side=padding_side,
+                                              trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -61,8 +100,10 @@ def load_tokenizer(path: str | Path, padding_side: str = "left") -> PreTrainedTo
 def load_model(path: str | Path, device: str = "cpu", for_training: bool = False):
     """A model from safetensors. Training keeps fp32 master weights (the trainer's ``bf16`` autocasts
     on GPU; bf16 weights would lose small AdamW updates); generation on GPU runs in bf16."""
+    check_model_folder(path)
     dtype = torch.bfloat16 if device == "cuda" and not for_training else torch.float32
-    return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, dtype=dtype).to(device)
+    return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, dtype=dtype,
+                                                trust_remote_code=False).to(device)
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, question: str, template: str = "{question}") -> str:

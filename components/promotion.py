@@ -81,6 +81,8 @@ def training_health(rows: list[dict], gate: PromotionConfig) -> list[str]:
     """Problems in a stage's logged training curve; empty: healthy.
 
     - a non-finite loss or gradient norm, at any step;
+    - a reward never above 0 at any logged step: GRPO had no advantage to learn from, so any
+      evaluation gain is noise (and with no reward spread the collapse signals stay quiet);
     - a collapse signal beyond its threshold for ``gate.patience`` logged steps in a row *while
       the reward did not rise*: the streak's mean reward is less than ``gate.min_reward_gain``
       above the first ``patience`` logged steps'. A policy that converged (entropy near zero,
@@ -93,6 +95,8 @@ def training_health(rows: list[dict], gate: PromotionConfig) -> list[str]:
     if broken:
         problems.append(f"non-finite loss at step {broken[0]}")
     rewards = [row["reward"] for row in rows if isinstance(row.get("reward"), (int, float))]
+    if rewards and max(rewards) <= 0:
+        problems.append(f"reward never above 0 in {len(rewards)} logged steps: no learning signal")
     start = mean(rewards[: gate.patience]) if rewards else None
     for signal, (field, side) in COLLAPSE_SIGNALS.items():
         limit, streak = getattr(gate, field), []

@@ -7,6 +7,9 @@ returns ``None`` for a sample it cannot verify. Records carry ``task`` (``additi
 
     <think> reasoning </think>
     <answer> final answer </answer>
+
+Accuracy counts only the one answer a completion commits to (``final_answer``); math answers
+are graded by ``components.grading``, bounded in time and refusing calculations for answers.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import operator
 import re
 from collections.abc import Sequence
 
-from math_verify import parse, verify
+from components.grading import committed, math_correct, math_parses
 
 R1_FORMAT = re.compile(r"^\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*$", re.DOTALL)
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -31,15 +34,26 @@ def extract_answer(completion: str) -> str | None:
     return found[-1].strip() if found else None
 
 
+def final_answer(completion: str) -> str | None:
+    """The one answer a completion commits to, stripped; None when it hedges or hides it.
+
+    Exactly one ``<answer>`` tag, outside any ``<think>`` and last in the completion, holding at
+    most one distinct ``\\boxed`` value. ``extract_answer`` stays lenient for evaluation records.
+    """
+    if completion.count("<answer>") != 1 or completion.count("</answer>") != 1:
+        return None  # several answers: a hedge
+    head, _, rest = completion.partition("<answer>")
+    inner, _, tail = rest.partition("</answer>")
+    if tail.strip() or "think>" in rest:
+        return None  # text after the answer, or the answer sits inside <think>
+    if head.rfind("<think>") > head.rfind("</think>"):
+        return None  # the answer tag opens inside an unclosed <think>
+    return inner.strip() if committed(inner) else None
+
+
 def _integer(text: str) -> int | None:
     text = text.strip().replace(",", "").removeprefix("$").removesuffix(".")
     return int(text) if re.fullmatch(r"-?\d+", text) else None
-
-
-def _math(text: str) -> list:
-    # Bare strings parse wrongly: wrap them in $…$ unless already delimited.
-    delimited = re.search(r"(?<!\\)\$", text) is not None or "\\boxed" in text
-    return parse(text if delimited else f"${text}$")
 
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -85,7 +99,7 @@ def is_correct(prediction: str | None, answer: str, task: str, numbers: Sequence
         got = _countdown_value(prediction, numbers or [])
         return got is not None and abs(got - float(answer)) < 1e-9
     if task in MATH_TASKS:
-        return bool(verify(_math(answer), _math(prediction)))
+        return math_correct(prediction, answer)
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
@@ -94,19 +108,19 @@ def gold_parses(answer: str, task: str) -> bool:
     if task in ("addition", "countdown"):
         return _integer(answer) is not None
     if task in MATH_TASKS:
-        return bool(_math(answer))
+        return math_parses(answer)
     return False
 
 
 def accuracy_reward(completions: list[str], answer: list[str], task: list[str], **kwargs) -> list[float | None]:
-    """1.0 when the answer inside ``<answer>`` is right, else 0.0 (None: task unknown)."""
+    """1.0 when the completion's one final answer is right, else 0.0 (None: task unknown)."""
     numbers = kwargs.get("numbers") or [None] * len(completions)
     rewards: list[float | None] = []
     for completion, gold, kind, nums in zip(completions, answer, task, numbers):
         if kind not in TASKS:
             rewards.append(None)
             continue
-        rewards.append(float(is_correct(extract_answer(completion), gold, kind, nums)))
+        rewards.append(float(is_correct(final_answer(completion), gold, kind, nums)))
     return rewards
 
 

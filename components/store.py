@@ -44,6 +44,25 @@ def manifest_of(folder: Path) -> dict:
                       for p in files}}
 
 
+def write_manifest(folder: Path) -> dict:
+    manifest = manifest_of(folder)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def damage(folder: Path) -> str | None:
+    """The first file of a local folder that differs from its manifest (size, then sha256), named;
+    None when all match. A folder from before manifests gets one now."""
+    if not (folder / MANIFEST).exists():
+        write_manifest(folder)
+        return None
+    for name, expected in json.loads((folder / MANIFEST).read_text())["files"].items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != expected["size"] or sha256(path) != expected["sha256"]:
+            return f"{path}: differs from its manifest (missing, size or sha256)"
+    return None
+
+
 def endpoint() -> str | None:
     """The S3 endpoint of a non-AWS server (SeaweedFS, MinIO), from the environment."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")

@@ -16,13 +16,14 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow
+from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -58,6 +59,35 @@ class VersionRecord:
         return f"{self.name}/{self.version}"
 
 
+class Unreachable(ConnectionError):
+    """The tracking server or database does not answer; the message names the URI."""
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, naming the URI, when an MLflow server (http) or database (postgresql) does not
+    answer: MLflow's own client retries for minutes before it gives up."""
+    scheme = uri.partition(":")[0]
+    try:
+        if scheme in ("http", "https"):
+            import urllib.request
+
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+                return
+        if scheme.startswith("postgresql"):
+            import sqlalchemy
+
+            sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(timeout)}).connect().close()
+    except Exception as error:  # noqa: BLE001  (whatever the transport says, the answer is the same)
+        reason = getattr(error, "reason", None) or str(error).splitlines()[0]
+        raise Unreachable(f"MLflow tracking at {redact(uri)} is unreachable ({reason}); start it, or set "
+                          "tracking.tracking_uri to one that answers") from None
+
+
+def redact(uri: str) -> str:
+    """A URI without the password it may carry."""
+    return re.sub(r"(//[^/:@]+):[^/@]*@", r"\1:***@", uri)
+
+
 def default_uri(workspace: Path) -> str:
     return f"sqlite:///{(workspace / 'mlflow.db').resolve()}"
 
@@ -73,13 +103,24 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
         self.uri = uri
         mlflow.set_tracking_uri(uri)
-        self.client = MlflowClient(uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is None:
-            location = artifact_root.resolve().as_uri() if artifact_root and uri.startswith("sqlite") else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        else:
-            self.experiment_id = found.experiment_id
+        # Two processes opening a new SQLite store at once would both migrate it ("duplicate
+        # column name"): one at a time, under a lock file beside the database.
+        database = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        with FileLock(f"{database}.lock") if database else nullcontext():
+            self.client = MlflowClient(uri)
+            self.experiment_id = self._experiment(experiment, artifact_root)
+
+    def _experiment(self, name: str, artifact_root: Path | None) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = artifact_root.resolve().as_uri() if artifact_root and self.uri.startswith("sqlite") else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created meanwhile by another process
+            if (found := self.client.get_experiment_by_name(name)) is None:
+                raise
+            return found.experiment_id
 
     # --- runs -----------------------------------------------------------------------------
     def start_run(self, name: str, parent: str | None = None, tags: dict | None = None) -> str:
@@ -202,6 +243,14 @@ class Tracker:
             raise ValueError(f"registry name or stage key with unexpected characters: {name!r}, {stage_key!r}")
         found = self.client.search_model_versions(f"name = '{name}' and tags.stage_key = '{stage_key}'")
         return _version(found[0]) if found else None
+
+    def complete_registration(self, version: VersionRecord) -> None:
+        """Give ``candidate`` to the newest version when it has no alias yet: a run killed between
+        creating a version and aliasing it leaves exactly that, and its rerun finds the version
+        by stage key instead of registering it again."""
+        newest = max(int(v.version) for v in self.client.search_model_versions(f"name = '{version.name}'"))
+        if int(version.version) == newest and not self.client.get_model_version(version.name, version.version).aliases:
+            self.client.set_registered_model_alias(version.name, "candidate", version.version)
 
     def champion(self, name: str) -> VersionRecord | None:
         """The version holding ``champion``, or None."""

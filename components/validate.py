@@ -11,7 +11,6 @@ offending row indices (0-based record positions).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import great_expectations as gx
 import pandas as pd
 from great_expectations.data_context.types.base import ProgressBarsConfig
 
+from components.jsonl import load_jsonl
 from components.rewards import TASKS, extract_answer, gold_parses, is_correct, well_formed
 
 KINDS = ("prompts", "sft", "rejection_sampled", "eval")
@@ -152,8 +152,10 @@ def _run_suite(df: pd.DataFrame, expectations: list, name: str) -> list:
     return definition.run(batch_parameters={"dataframe": df}, result_format="COMPLETE").results
 
 
-def _describe(result: Any) -> tuple[dict, str]:
-    """One report entry and the failure text for one expectation result."""
+def _describe(result: Any, ids: list | None = None) -> tuple[dict, str]:
+    """One report entry and the failure text for one expectation result; offending rows are
+    named by position and, where the set has them, by id (an imported record's id carries its
+    source line, a position in a shuffled split does not)."""
     config, details = result.expectation_config, result.result or {}
     column = config.kwargs.get("column") or ",".join(config.kwargs.get("column_list") or []) or None
     rows = list(details.get("unexpected_index_list") or [])
@@ -167,7 +169,9 @@ def _describe(result: Any) -> tuple[dict, str]:
         detail = f"error: {result.exception_info.get('exception_message')}"
     elif rows:
         more = f" (+{len(rows) - _MAX_ROWS_SHOWN} more)" if len(rows) > _MAX_ROWS_SHOWN else ""
-        detail = f"rows {[int(i) for i in rows[:_MAX_ROWS_SHOWN]]}{more}"
+        shown = [int(i) for i in rows[:_MAX_ROWS_SHOWN]]
+        named = f" (ids {[ids[i] for i in shown]})" if ids is not None else ""
+        detail = f"rows {shown}{more}{named}"
     elif config.type == "expect_column_to_exist":
         detail = "column missing"
     else:
@@ -183,7 +187,8 @@ def validate_records(
         raise ValueError(f"unknown dataset kind {kind!r}; expected one of {KINDS}")
     df = _frame(records, kind)
     results = _run_suite(df, _expectations(kind, set(df.columns), bounds or Bounds()), kind)
-    described = [_describe(r) for r in results]
+    ids = list(df["id"]) if "id" in df.columns else None
+    described = [_describe(r, ids) for r in results]
     failures = [text for entry, text in described if not entry["success"]]
     report = {
         "dataset": name,
@@ -208,6 +213,4 @@ def validate_file(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return validate_records(records, kind, name or path.stem, bounds)
+    return validate_records(load_jsonl(path), kind, name or path.stem, bounds)

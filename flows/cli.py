@@ -61,8 +61,16 @@ def run(config: Path | None = ConfigOption, overrides: list[str] | None = SetOpt
             _fail(f"unknown stage {name!r}; stages: {', '.join(STAGES)}", 2)
     config, profile = _profile(config, overrides)
     configure(profile.workspace)
+    if profile.tracking.tracking_uri:  # a server that does not answer: say so before anything starts
+        from components.tracking import check_reachable
+
+        with _reported("pipeline"):
+            check_reachable(profile.tracking.tracking_uri)
     from flows.pipeline import r1_pipeline, stage_flow
 
+    # SIGTERM (a Prefect cancellation, `kill`, a container stop) unwinds like Ctrl-C: the stage process
+    # is stopped, its MLflow runs are marked failed, and its checkpoints stay for the next run.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     started = time.time()
     args = {"config": str(config) if config else None, "overrides": overrides or [], "root": None}  # $R1FLOW_ROOT or .
     with _reported("pipeline"):
@@ -85,7 +93,7 @@ def _reported(what: str):
 
     from flows.stages import StageFailed
 
-    expected = (StageFailed, FileNotFoundError, LookupError, ValueError)
+    expected = (StageFailed, FileNotFoundError, LookupError, ValueError, ConnectionError)
 
     def one_line(record: logging.LogRecord) -> bool:
         # Prefect logs a failed task and flow with the traceback; for these the message is the news.
@@ -118,7 +126,7 @@ def print_summary(summary: dict, seconds: float) -> None:
         stages.add_row(name, "[dim]cached[/dim]" if cached else "[bold]ran[/bold]",
                        f"{seconds_taken:.1f}" if seconds_taken is not None else "")
     console.print(stages)
-    if "metrics" not in summary:  # --only: one stage
+    if not summary.get("metrics"):  # --only, or a profile whose stages evaluate nothing
         recorded = f"MLflow run {summary['run_id']}" if summary["run_id"] else "recorded by machine rank 0"
         console.print(f"{seconds / 60:.1f} min; {recorded}")
         return

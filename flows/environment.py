@@ -22,6 +22,10 @@ def configure(workspace: Path) -> None:
         # `mlflow server`/`ui` would start seven job-runner processes (GenAI jobs, trace rollups)
         # that r1flow never uses: on 2 cores they slowed `r1flow ui`'s start and stop (its test timed out).
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        # MLflow's client retries a lost server 7 times with doubling waits (minutes); 4 retries
+        # (1+2+4+8 s) ride out a restart, and a longer outage fails the run, which a rerun completes.
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
         "DVC_NO_ANALYTICS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }

@@ -27,7 +27,7 @@ from prefect.states import Completed, State
 
 from components import versioning
 from components.config import Profile, content_hash, load_profile
-from components.tracking import Tracker, default_uri
+from components.tracking import Tracker, check_reachable, default_uri
 from flows.outputs import record, report, validate
 from flows.recipe import (
     RECIPE,
@@ -202,8 +202,9 @@ def pipeline_run(config: str | None, overrides: list[str] | None, root: str | No
     root_path = Path(root or os.environ.get("R1FLOW_ROOT") or ".").resolve()
     workspace = root_path / profile.workspace
     workspace.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(profile.tracking.tracking_uri or default_uri(workspace), profile.tracking.experiment,
-                      workspace / "mlartifacts")
+    uri = profile.tracking.tracking_uri or default_uri(workspace)
+    check_reachable(uri)  # before anything trains: seconds, not MLflow's minutes of retries
+    tracker = Tracker(uri, profile.tracking.experiment, workspace / "mlartifacts")
     commit, parent = code_commit(), None
     if own_run:
         parent = tracker.start_run(profile.name + label, tags={

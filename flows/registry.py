@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from components import promotion
 from components.config import content_hash
 from components.tracking import VersionRecord
+from flows.locks import exclusive
 from flows.recipe import PARENTS, REGISTERED, recipe_step
 from flows.stages import StageOutput, code_version, read_metrics
 
@@ -23,6 +24,12 @@ def register(ctx, outputs: dict[str, StageOutput], data_hash: str) -> dict[str, 
     review each against its parent and the champion (``components.promotion``). ``champion``
     moves only after every version is registered and reviewed, so a failure on the way leaves
     every champion where it was."""
+    # Two runs of one profile at once would both find a model unregistered: one registers at a time.
+    with exclusive(f"registry-{ctx.profile.tracking.registry_prefix}", ctx.workspace / "locks"):
+        return _register(ctx, outputs, data_hash)
+
+
+def _register(ctx, outputs: dict[str, StageOutput], data_hash: str) -> dict[str, dict]:
     registered, crowned = {}, []
     for role in (r for r in REGISTERED if f"eval_{r}" in outputs):  # parents first: lineage names their version
         version, new = registered_version(ctx, role, outputs, data_hash, registered)
@@ -47,6 +54,7 @@ def registered_version(ctx, role: str, outputs: dict[str, StageOutput], data_has
     name = f"{ctx.profile.tracking.registry_prefix}-{role.replace('_', '-')}"
     found = ctx.tracker.version_by_stage_key(name, out.key)
     if found is not None:
+        ctx.tracker.complete_registration(found)
         return found, False
     tags = promotion.lineage(
         stage_key=out.key, code_version=code_version(recipe_step(role).module),

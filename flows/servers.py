@@ -90,11 +90,14 @@ def seaweedfs(folder: Path, host: str, port: int, keys: dict[str, str]) -> subpr
     identity.write_text(json.dumps({"identities": [{
         "name": "r1flow", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         "credentials": [{"accessKey": keys["AWS_ACCESS_KEY_ID"], "secretKey": keys["AWS_SECRET_ACCESS_KEY"]}]}]}))
-    ports = {name: free_port(host) for name in ("master", "volume", "filer", "admin")}
+    # Every gRPC port too: weed's default (HTTP port + 10000) is past 65535 for a free port above
+    # 55535; weed then listens elsewhere but its components still dial the invalid port.
+    ports = {f"{name}.{kind}": free_port(host) for name in ("master", "volume", "filer", "admin")
+             for kind in ("port", "port.grpc")}
     command = [str(BIN / "weed"), "mini", f"-dir={folder / 'data'}", f"-ip={host}", f"-ip.bind={host}",
                "-master.telemetry=false", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0",
                "-s3.port.lance=0", f"-s3.config={identity}", f"-s3.port={port}", f"-bucket={BUCKET}",
-               *(f"-{name}.port={number}" for name, number in ports.items())]
+               f"-s3.port.grpc={free_port(host)}", *(f"-{name}={number}" for name, number in ports.items())]
     process = _start(command, folder / "seaweedfs.log", os.environ)
     try:
         wait_for(f"http://{host}:{port}", process, 60, answered=lambda status: True)  # 403 before auth: it is up

@@ -32,8 +32,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from components.config import Profile, Section, content_hash
 from components.stage_io import ERROR_MARK, StageSpec, fetch_checkpoint
-from components.store import Store
+from components.store import MANIFEST, Store, damage, write_manifest
 from flows.forkserver import ForkServer
+from flows.locks import exclusive
 from flows.recipe import RECIPE, Step
 
 COMPONENTS = Path(__file__).resolve().parents[1] / "components"
@@ -137,7 +138,10 @@ def code_version(module: str) -> str:
 
 
 def file_digest(path: Path | None) -> str | None:
-    return None if path is None else hashlib.sha256(path.read_bytes()).hexdigest()
+    if path is None:
+        return None
+    with Path(path).open("rb") as f:  # streamed: an input file may be large
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def runtime_identity(module: str, profile: Profile) -> dict:
@@ -215,9 +219,13 @@ def fetch(store: Store | None, workspace: Path, name: str, key: str) -> bool:
     killed between finishing and uploading) is uploaded now. False: neither has it."""
     final, relative = stage_folder(workspace, name, key), f"stages/{name}/{key}"
     if (final / "result.json").exists():
-        if store is not None and store.manifest(relative) is None:
-            store.put(final, relative)
-        return True
+        if (problem := damage(final)) is not None:  # never used silently: fetched again, or rerun
+            print(f"{name}: {problem}; the cached folder is discarded", flush=True)
+            discard(final)
+        else:
+            if store is not None and store.manifest(relative) is None:
+                store.put(final, relative)
+            return True
     if store is None:
         return False
     tmp = scratch_folder(final)
@@ -250,8 +258,11 @@ def scratch_folder(final: Path) -> Path:
 
 
 def install(tmp: Path, final: Path) -> None:
-    """Rename a completed folder into place (atomic: the keyed folder appears only when whole);
-    a forced rerun's old folder steps aside first."""
+    """Rename a completed folder into place (atomic: the keyed folder appears only when whole),
+    with the manifest of its files' sha256 that every later use checks; a forced rerun's old
+    folder steps aside first."""
+    if not (tmp / MANIFEST).exists():
+        write_manifest(tmp)
     if final.exists():
         old = final.parent / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)
@@ -259,6 +270,13 @@ def install(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def discard(final: Path) -> None:
+    """Remove a keyed folder: renamed aside first, so no reader ever sees it half-deleted."""
+    aside = final.parent / f".old-{final.name}-{os.getpid()}"
+    os.replace(final, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -286,8 +304,21 @@ def run_stage(name: str, module: str, config: Section, inputs: dict[str, Artifac
     key = stage_key(module, config, inputs, profile)
     final, store = stage_folder(workspace, name, key), store_of(profile)
     group = machines() if profile.runtime.launcher == "accelerate" and module in DISTRIBUTED else None
-    if not force and group is None and fetch(store, workspace, name, key):
+    if group is not None:  # every machine of a multi-machine launch trains its share
+        return _train(name, module, config, inputs, profile, workspace, total_steps, key, group), key, False
+    if not force and fetch(store, workspace, name, key):
         return final, key, True
+    # Another run may be making this very output: the first trains it, the others wait and reuse it.
+    with exclusive(f"stage-{name}-{key}", workspace / "locks", waiting=f"{name}: another run is making {key}; waiting"):
+        if not force and fetch(store, workspace, name, key):
+            return final, key, True
+        return _train(name, module, config, inputs, profile, workspace, total_steps, key, group), key, False
+
+
+def _train(name: str, module: str, config: Section, inputs: dict[str, Artifact], profile: Profile, workspace: Path,
+           total_steps: int | None, key: str, group: Machines | None) -> Path:
+    """Run the stage's process into a scratch folder and install it as the keyed folder."""
+    final, store = stage_folder(workspace, name, key), store_of(profile)
     tmp = scratch_folder(final)
     tmp.mkdir(parents=True)
     # Across machines, each keeps its own ZeRO shards of a checkpoint: no resume yet, so none saved.
@@ -315,11 +346,9 @@ def run_stage(name: str, module: str, config: Section, inputs: dict[str, Artifac
         raise
     if group is not None and group.follower and process.returncode == 0:  # rank 0's machine keeps the output
         shutil.rmtree(tmp, ignore_errors=True)
-        return final, key, False
+        return final
     if process.returncode != 0 or not (tmp / "result.json").exists():
-        logs = workspace / "logs"
-        logs.mkdir(exist_ok=True)
-        kept = Path(shutil.move(log_path, logs / f"{name}-{key}.log"))
+        kept = keep_log(log_path, workspace / "logs" / f"{name}-{key}.log")
         shutil.rmtree(tmp, ignore_errors=True)
         raise StageFailed(failure(name, process.returncode, kept, workspace))
     shutil.rmtree(tmp / "trainer", ignore_errors=True)  # the Trainer's scratch: checkpoints already moved out
@@ -327,17 +356,26 @@ def run_stage(name: str, module: str, config: Section, inputs: dict[str, Artifac
     publish(store, final, name, key)
     if checkpoints is not None:
         shutil.rmtree(checkpoints, ignore_errors=True)
-    return final, key, False
+    return final
 
 
-def failure(name: str, code: int, log: Path, workspace: Path) -> str:
-    """Why a stage failed: the one line it gave for bad input or a full disk, else the tail of its log."""
-    lines = log.read_text(errors="replace").splitlines()
+def keep_log(log: Path, kept: Path) -> Path | None:
+    """A failed stage's log, moved out of its scratch folder (None: not even that fits on the disk)."""
+    try:
+        kept.parent.mkdir(exist_ok=True)
+        return Path(shutil.move(log, kept))
+    except OSError:
+        return None
+
+
+def failure(name: str, code: int, log: Path | None, workspace: Path) -> str:
+    """Why a stage failed: one line for bad input or a full disk, else the tail of its log."""
+    lines = log.read_text(errors="replace").splitlines() if log else []
     marked = [line.removeprefix(ERROR_MARK) for line in lines[-5:] if line.startswith(ERROR_MARK)]
+    if shutil.disk_usage(workspace).free < 1 << 20 or (marked and marked[-1].startswith("no space left")):
+        return f"stage {name!r}: no space left on the device holding {workspace}; free some and run again"
     if marked:
         return f"stage {name!r}: {marked[-1]} (log: {log})"
-    if shutil.disk_usage(workspace).free < 1 << 20:  # too full even to log why
-        return f"stage {name!r}: no space left on the device holding {workspace} (log: {log})"
     tail = "\n".join(lines[-15:])
     return f"stage {name!r} failed (exit {code}); full log: {log}\n{tail}"
 
