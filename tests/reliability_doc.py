@@ -23,7 +23,7 @@ def addoption(parser) -> None:
 def describe(items) -> None:
     """Attach each reliability case's docstring to its reports (they travel from xdist workers)."""
     for item in items:
-        if f"/{AREA}/" in str(item.path) and hasattr(item, "function"):
+        if (f"/{AREA}/" in str(item.path) or item.get_closest_marker(AREA)) and hasattr(item, "function"):
             doc = inspect.getdoc(item.function) or ""
             item.user_properties.append(("asserts", " ".join(doc.split())))
 

@@ -255,6 +255,33 @@ def test_no_credential_reaches_a_record(cluster, pipeline):
         assert not any(s.encode() in content for s in secrets_), path
 
 
+@pytest.mark.reliability
+def test_two_hosts_running_one_profile_at_once_train_each_stage_once(cluster):
+    """Two hosts sharing only the servers run one new profile at once: every stage is trained on
+    exactly one of them (the other waits on the Prefect limit keyed by the stage key, then fetches
+    it from the store), both exit 0, and no model is registered twice."""
+    from mlflow.tracking import MlflowClient
+
+    hosts = cluster["hosts"]
+    args = overrides(cluster, "seed=7", "stages=[eval_cold_start]")  # keys no other test trained
+    runs = {}
+    for host in ("cpu", "third"):
+        out = hosts.root(host) / "summary-together.json"
+        runs[host] = (out, hosts.start(host, [str(BIN / "r1flow"), "run", "--config", "configs/micro.yaml", *args,
+                                               "--summary-json", str(out)], cluster["env"](host),
+                                       hosts.root(host) / f"r1flow-{host}", hosts.root(host) / "together.log"))
+        time.sleep(2)
+    for host, (_, process) in runs.items():
+        assert process.wait(timeout=900) == 0, (hosts.root(host) / "together.log").read_text()[-3000:]
+    summaries = [json.loads(out.read_text()) for out, _ in runs.values()]
+    for stage in summaries[0]["stages"]:
+        assert sum(not s["stages"][stage] for s in summaries) == 1, f"{stage}: trained on both hosts"
+    client = MlflowClient(cluster["stack"].tracking_uri)
+    for version in summaries[0]["versions"].values():
+        key = client.get_model_version(version["name"], version["version"]).tags["stage_key"]
+        assert len(client.search_model_versions(f"name = '{version['name']}' and tags.stage_key = '{key}'")) == 1
+
+
 def test_servers_listen_on_the_given_address_only_and_stop_on_ctrl_c(cluster):
     import psutil
 
