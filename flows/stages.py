@@ -5,7 +5,9 @@ the output and nothing else: the stage's config values (defaults included), the 
 inputs, the code that runs (the component's module and every ``components`` module it imports,
 the config schema aside) and the runtime settings that change results. It is written in a
 temporary folder and renamed into place when complete, so a folder that exists is whole, and the
-same key means the same result. ``StageOutput`` is what every stage leaves, however it ran.
+same key means the same result. Its ``manifest.json`` (each file's size and sha256) is checked
+whenever it is reused: a damaged folder is discarded and made again, never used. Two runs that
+need the same key at once take a lock on it (``flows.locks``): one trains, the other reuses. ``StageOutput`` is what every stage leaves, however it ran.
 
 With a stage store (``profile.store``: an S3 bucket shared by workers on other machines), every
 completed folder is uploaded to ``stages/<name>/<key>/`` with its manifest written last, and the

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from test_servers import _drop_database
 
 from components.config import ConfigError, load_profile
 from flows.servers import free_port
@@ -117,16 +118,6 @@ def postgres_database() -> str | None:
     return f"r1flow_exposure_{uuid.uuid4().hex[:8]}"
 
 
-def drop_database(name: str) -> None:
-    import psycopg2
-
-    connection = psycopg2.connect(**POSTGRES)
-    connection.autocommit = True
-    with connection.cursor() as cursor:
-        cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    connection.close()
-
-
 def high_free_port() -> int:
     """A free port above 55535, where SeaweedFS's default gRPC port (HTTP port + 10000) cannot exist."""
     for port in range(60999, 55535, -1):
@@ -155,7 +146,7 @@ def test_r1flow_servers_listen_on_loopback_only(tmp_path):
             f"http://127.0.0.1:{s3}", f"http://127.0.0.1:{mlflow}/health", f"http://127.0.0.1:{prefect}/api/health"])
     finally:
         if database:
-            drop_database(database)
+            _drop_database(database)
     print(f"r1flow servers listens on {sorted(ports)}")
     assert {s3, mlflow, prefect} <= {port for _, port in ports}, ports
     assert {address for address, _ in ports} <= LOOPBACK, sorted(ports)
@@ -226,7 +217,8 @@ def planted_run(tmp_path_factory):
             timeout=300, check=False)
         started = time.time()
         root = tmp / "project"
-        summary = r1_pipeline(config=MICRO, overrides=["runtime.device=cpu"], root=str(root))
+        # Stages through a registered, evaluated model: every kind of record a run leaves.
+        summary = r1_pipeline(config=MICRO, overrides=["runtime.device=cpu", "stages=[eval_r1_zero]"], root=str(root))
         print(f"micro pipeline with planted secrets: {time.time() - started:.0f} s")
     return {"env": env_secrets, "uri": uri_secret, "refused": refused, "root": root, "summary": summary,
             "cli": tmp / "cli"}
