@@ -23,7 +23,7 @@ run: $(STAMP)
 	$(BIN)/r1flow run $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest --reliability-doc docs/reliability.md $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --reliability-doc=docs/reliability.md $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check components flows tests bench
