@@ -29,8 +29,9 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: Literal["synthetic", "gsm8k", "math", "countdown"] = Field(
-        "synthetic", description="synthetic: multi-digit addition generated from the seed; else a public benchmark")
+    source: Literal["synthetic", "gsm8k", "math", "countdown", "reasoning_gym"] = Field(
+        "synthetic", description="synthetic: multi-digit addition generated from the seed; reasoning_gym: the "
+        "generators named in `tasks`; else a public benchmark")
     train_path: Path | None = Field(None, description="jsonl to import the training prompts from (benchmarks)")
     test_path: Path | None = Field(None, description="jsonl to import the held-out test prompts from (benchmarks)")
     n_train: int = Field(2000, gt=0, description="training prompts (synthetic) or import limit")
@@ -41,12 +42,19 @@ class DataConfig(Section):
     max_digits: int = Field(2, ge=1, description="synthetic: most digits in an operand")
     cold_start_size: int = Field(200, gt=0, description="readable long-CoT examples for the cold start")
     decontamination_ngram: int = Field(8, gt=0, description="drop train prompts sharing a word n-gram with test")
+    tasks: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="reasoning_gym: task name -> its config (reasoning-gym's own keys), "
+        "e.g. {chain_sum: {min_terms: 2, max_terms: 2}}; the prompts are shared out evenly")
+    seed: int | None = Field(None, description="generators' seed (synthetic, reasoning_gym); none: the profile's. "
+                             "Fixed, every training seed is measured on the same test problems")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.min_digits > self.max_digits:
             raise ValueError("min_digits must be <= max_digits")
-        if self.source != "synthetic" and (self.train_path is None or self.test_path is None):
+        if self.source == "reasoning_gym" and not self.tasks:
+            raise ValueError("source 'reasoning_gym' needs tasks, e.g. {chain_sum: {min_terms: 2}}")
+        if self.source not in ("synthetic", "reasoning_gym") and (self.train_path is None or self.test_path is None):
             raise ValueError(f"source {self.source!r} needs train_path and test_path")
         for path in (self.train_path, self.test_path):
             if path is not None and not path.exists():

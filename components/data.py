@@ -5,7 +5,8 @@
 
 The default task is synthetic addition: a tiny model rarely adds two-digit numbers in one step,
 but often does by working column by column inside ``<think>``, which is what RL should reinforce.
-Benchmarks (GSM8K, MATH, Countdown) are imported from their public jsonl files instead.
+Benchmarks (GSM8K, MATH, Countdown) are imported from their public jsonl files instead, and
+reasoning-gym generates its tasks (``components.gym``), each graded by its own verifier.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from components.addition import (
 )
 from components.benchmarks import decontaminate, import_benchmark
 from components.config import DataConfig
+from components.gym import gym_splits
 from components.jsonl import write_jsonl
 from components.stage_io import StageSpec, main, write_result
 
@@ -76,9 +78,14 @@ def cold_start_trace(record: dict) -> dict | None:
 def build_datasets(cfg: DataConfig, seed: int, out: Path) -> dict:
     """Write train/validation/test prompts and cold-start traces as jsonl under ``out``; returns
     what was written (counts, and the training prompts decontamination removed)."""
+    seed = seed if cfg.seed is None else cfg.seed
     if cfg.source == "synthetic":
         train, validation, test = synthetic_addition(cfg, seed)
         removed = 0  # the partition keeps test problems out of train, in either operand order
+    elif cfg.source == "reasoning_gym":
+        # Whole problems are held out by exact question; n-grams would match the tasks' shared wording.
+        train, validation, test = gym_splits(cfg.tasks, seed, cfg.n_train, cfg.n_validation, cfg.n_test)
+        removed = 0
     else:
         train = import_benchmark(cfg.source, cfg.train_path, limit=None)
         test = import_benchmark(cfg.source, cfg.test_path, limit=cfg.n_test)
