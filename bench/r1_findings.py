@@ -9,7 +9,8 @@ to `reports/` (and to MLflow: experiment `r1flow-bench` in `.r1flow/mlflow.db`):
 
 - `r1_findings.md`: per model pass@1 mean ± std over seeds, cons@k, greedy, format, language,
   tokens; wall time per stage; and the findings checked (R1-Zero's lift and growing length, R1's
-  format, distillation against the teacher and against the student trained without traces).
+  format, the final RL against the SFT it starts from, distillation against the teacher and
+  against the student trained without traces).
 - `heldout_pass.png`, `heldout_length.png`: pass@1 and mean completion length on held-out
   prompts against the GRPO step, mean over seeds with the min-max band.
 """
@@ -33,9 +34,11 @@ from components.config import load_profile
 from components.tracking import Tracker, default_uri
 
 PROJECT = Path(__file__).resolve().parents[1]
-MODELS = {"base": "base", "r1_zero": "R1-Zero (GRPO from base)", "cold_start": "cold start (SFT)",
-          "r1_rl": "R1 (cold start + GRPO)", "r1": "R1 (base SFT on R1 traces)",
-          "student": "student (SFT on R1 traces)", "student_no_traces": "student without traces (answers only)"}
+MODELS = {"base": "base", "r1_zero": "R1-Zero (GRPO from base)", "cold_start": "R1 cold start (SFT)",
+          "r1_rl": "R1 RL (cold start + GRPO)", "r1_sft": "R1 SFT (base SFT on R1 traces)",
+          "r1_final": "R1 final (GRPO on R1 SFT)", "student": "student (SFT on R1 traces)",
+          "student_no_traces": "student without traces (answers only)"}
+GRPO = {"r1_zero": "R1-Zero", "r1_rl": "R1 RL (after cold start)", "r1_final": "R1 final (after the SFT)"}
 COLUMNS = {"pass_at_1": "pass@1", "cons_at_{k}": "cons@{k}", "greedy_accuracy": "greedy", "format_rate": "format",
            "language_consistency": "language", "mean_length": "tokens"}
 CURVES = {"heldout/pass_at_1": ("heldout_pass.png", "pass@1 on held-out prompts"),
@@ -61,7 +64,7 @@ def read_seed(folder: Path) -> dict:
     parent = tracker.pipeline_runs(limit=1)[0]
     children = tracker.child_runs(parent.run_id)  # in the order they started: recipe order
     curves = {(stage, key): tracker.metric_history(children[stage].run_id, key)
-              for stage in ("r1_zero", "r1_rl") for key in CURVES}
+              for stage in GRPO for key in CURVES}
     seconds = {name: run.seconds for name, run in children.items()}
     return {"metrics": parent.metrics, "seconds": seconds, "curves": curves, "run_id": parent.run_id}
 
@@ -74,6 +77,7 @@ def findings(seeds: dict[int, dict]) -> list[tuple[str, bool, bool, str]]:
     """The issue's claims: (claim, holds on the mean over seeds, holds for every seed, per-seed figures)."""
     get = lambda role, key: [s["metrics"][f"{role}.{key}"] for s in seeds.values()]
     zero, r1 = get("r1_zero", "pass_at_1"), get("r1_rl", "pass_at_1")
+    final, sft = get("r1_final", "pass_at_1"), get("r1_sft", "pass_at_1")
     lift = [z - b for z, b in zip(zero, get("base", "pass_at_1"))]
     lengths = [(c[0][1], c[-1][1]) for c in (s["curves"]["r1_zero", "heldout/mean_length"] for s in seeds.values())]
     grew = [b > a for a, b in lengths]
@@ -88,6 +92,8 @@ def findings(seeds: dict[int, dict]) -> list[tuple[str, bool, bool, str]]:
          ", ".join(f"{a:.1f}→{b:.1f}" for a, b in lengths) + " tokens"),
         ("R1: cold start + RL pass@1 ≥ R1-Zero's", mean(r1) >= mean(zero), all(a >= b for a, b in zip(r1, zero)),
          ", ".join(f"{a:.3f} vs {b:.3f}" for a, b in zip(r1, zero))),
+        ("R1 final (RL after the SFT) pass@1 ≥ R1 SFT's", mean(final) >= mean(sft),
+         all(a >= b for a, b in zip(final, sft)), ", ".join(f"{a:.3f} vs {b:.3f}" for a, b in zip(final, sft))),
         ("R1: format ≥ 0.95", *at_least(formats, 0.95),
          (", ".join(f"{x:.3f}" for x in formats) + f" (R1-Zero {mean(get('r1_zero', 'format_rate')):.3f}; language "
           f"{mean(get('r1_rl', 'language_consistency')):.3f} vs {mean(get('r1_zero', 'language_consistency')):.3f})")),
@@ -123,7 +129,7 @@ def report(seeds: dict[int, dict], k: int, out: Path) -> str:
     (out / "r1_findings.md").write_text(markdown)
     for key, (file, title) in CURVES.items():
         figure, axes = plt.subplots(figsize=(6, 3.5))
-        for stage, label in (("r1_zero", "R1-Zero"), ("r1_rl", "R1 (after cold start)")):
+        for stage, label in GRPO.items():
             series = [dict(s["curves"][stage, key]) for s in seeds.values()]
             steps = sorted(set.intersection(*(set(x) for x in series)))
             values = [[x[step] for x in series] for step in steps]

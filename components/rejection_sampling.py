@@ -25,7 +25,7 @@ def accept(record: dict, completions: list[str]) -> tuple[list[str], dict]:
     """The completions worth training on, and why the others were rejected."""
     n = len(completions)
     columns = {"answer": [record["answer"]] * n, "task": [record["task"]] * n,
-               "numbers": [record.get("numbers")] * n}
+               "numbers": [record.get("numbers")] * n, "entry": [record.get("entry")] * n}
     correct = accuracy_reward(completions, **columns)
     formatted = format_reward(completions)
     consistent = language_reward(completions)
@@ -57,7 +57,7 @@ def run(spec: StageSpec) -> dict:
         spec.inputs["model"], prompts,
         Sampling(k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens),
         seed=spec.seed, batch_size=cfg.batch_size, device=spec.device, backend=spec.generation_backend,
-        label="rejection sampling",
+        label="rejection sampling", precision=spec.precision,
     )
     traces, totals = [], {"wrong": 0, "malformed": 0, "mixed_language": 0, "duplicate": 0}
     prompts_kept = 0

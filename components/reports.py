@@ -1,7 +1,7 @@
 """Run reports: the evaluation table across the lineage, and training curves as PNG plots.
 
     table = eval_table(metrics, versions, k=4)
-    plot_curves({"r1_zero": rows, "r1_rl": rows}, out_dir)
+    plot_curves({"r1_zero": rows, "r1_rl": rows, "r1_final": rows}, out_dir)
 
 Plain files, so the pipeline can publish them to Prefect (markdown artifact) and MLflow alike.
 """

@@ -2,8 +2,8 @@
 
 Every reward has TRL's reward signature ``(completions, **columns) -> list[float | None]`` and
 returns ``None`` for a sample it cannot verify. Records carry ``task`` (``addition``,
-``countdown``, ``gsm8k``, ``math``), ``answer`` (the gold answer as text) and, for Countdown,
-``numbers``. Completions follow R1's output format::
+``countdown``, ``gsm8k``, ``math``, ``reasoning_gym``), ``answer`` (the gold answer as text), for
+Countdown ``numbers``, and for reasoning-gym ``entry`` (the generated item its verifier reads). Completions follow R1's output format::
 
     <think> reasoning </think>
     <answer> final answer </answer>
@@ -19,12 +19,14 @@ import operator
 import re
 from collections.abc import Sequence
 
+from components import gym
 from components.grading import committed, math_correct, math_parses
 
 R1_FORMAT = re.compile(r"^\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*$", re.DOTALL)
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 TAG = re.compile(r"</?(think|answer)>")
-TASKS = ("addition", "countdown", "gsm8k", "math")
+TASKS = ("addition", "countdown", "gsm8k", "math", gym.TASK)
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 MATH_TASKS = ("gsm8k", "math")
 
 
@@ -32,6 +34,13 @@ def extract_answer(completion: str) -> str | None:
     """The text inside the last ``<answer>`` tag, stripped; None when there is none."""
     found = ANSWER_TAG.findall(completion)
     return found[-1].strip() if found else None
+
+
+def last_number(completion: str) -> str | None:
+    """The last number anywhere in a completion: lenient grading, which tells a model that
+    computes right but ignores the format from one that computes wrong."""
+    found = NUMBER.findall(completion.replace(",", ""))
+    return found[-1] if found else None
 
 
 def final_answer(completion: str) -> str | None:
@@ -89,8 +98,10 @@ def _countdown_value(expression: str, numbers: Sequence[int]) -> float | None:
     return result
 
 
-def is_correct(prediction: str | None, answer: str, task: str, numbers: Sequence[int] | None = None) -> bool:
-    """Grade one extracted prediction against the gold answer of its task."""
+def is_correct(prediction: str | None, answer: str, task: str, numbers: Sequence[int] | None = None,
+               entry: str | None = None) -> bool:
+    """Grade one extracted prediction against the gold answer of its task (reasoning-gym: its
+    task's own verifier on the generated ``entry``)."""
     if prediction is None or not prediction.strip():
         return False
     if task == "addition":
@@ -100,27 +111,38 @@ def is_correct(prediction: str | None, answer: str, task: str, numbers: Sequence
         return got is not None and abs(got - float(answer)) < 1e-9
     if task in MATH_TASKS:
         return math_correct(prediction, answer)
+    if task == gym.TASK:
+        return entry is not None and gym.score(prediction, entry) == 1.0
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-def gold_parses(answer: str, task: str) -> bool:
-    """Whether a gold answer can be graded at all (checked by the data validation suites)."""
+def gold_parses(answer: str, task: str, entry: str | None = None) -> bool:
+    """Whether a gold answer can be graded at all (checked by the data validation suites);
+    reasoning-gym's verifier must accept its own gold answer."""
     if task in ("addition", "countdown"):
         return _integer(answer) is not None
     if task in MATH_TASKS:
         return math_parses(answer)
+    if task == gym.TASK:
+        return is_correct(answer, answer, task, entry=entry)
     return False
+
+
+def grade(prediction: str | None, record: dict) -> bool:
+    """``is_correct`` for a prompt record, whatever columns its task needs."""
+    return is_correct(prediction, record["answer"], record["task"], record.get("numbers"), record.get("entry"))
 
 
 def accuracy_reward(completions: list[str], answer: list[str], task: list[str], **kwargs) -> list[float | None]:
     """1.0 when the completion's one final answer is right, else 0.0 (None: task unknown)."""
     numbers = kwargs.get("numbers") or [None] * len(completions)
+    entries = kwargs.get("entry") or [None] * len(completions)
     rewards: list[float | None] = []
-    for completion, gold, kind, nums in zip(completions, answer, task, numbers):
+    for completion, gold, kind, nums, entry in zip(completions, answer, task, numbers, entries):
         if kind not in TASKS:
             rewards.append(None)
             continue
-        rewards.append(float(is_correct(final_answer(completion), gold, kind, nums)))
+        rewards.append(float(is_correct(final_answer(completion), gold, kind, nums, entry)))
     return rewards
 
 

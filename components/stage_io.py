@@ -32,7 +32,8 @@ class StageSpec:
     inputs: dict[str, str] = field(default_factory=dict)
     seed: int = 0
     device: str = "auto"
-    prompt_template: str = "{question}"
+    precision: str = "auto"  # runtime.precision: bf16, fp32, or auto (bf16 on GPU only)
+    prompt_template: str | list[dict] = "{question}"  # or chat turns ending in the question's
     generation_backend: str = "transformers"
     checkpoints: Path | None = None  # where complete checkpoints live across attempts (crash resume)
     checkpoint_store: str | None = None  # and their copy in the stage store, for a resume on another worker

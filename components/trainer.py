@@ -14,6 +14,7 @@ import torch
 from transformers import TrainerCallback
 
 from components.config import TrainConfig
+from components.modeling import save_model, use_bf16
 from components.stage_io import (
     MetricsLog,
     StageSpec,
@@ -24,8 +25,8 @@ from components.stage_io import (
 
 
 def trl_arguments(cfg: TrainConfig, spec: StageSpec, device: str) -> dict:
-    """Arguments every TRL trainer here gets; on CPU: fp32, and no gradient checkpointing
-    (it doubled GRPO step time here).
+    """Arguments every TRL trainer here gets: bf16 autocast where ``runtime.precision`` resolves to
+    it (by default on GPU only), and no gradient checkpointing (it doubled GRPO step time on CPU).
     Checkpoints are written every ``save_steps`` when the stage has a checkpoint folder."""
     on_cpu = device == "cpu"
     fields = ("learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -34,7 +35,7 @@ def trl_arguments(cfg: TrainConfig, spec: StageSpec, device: str) -> dict:
         **{name: getattr(cfg, name) for name in fields},
         "output_dir": str(spec.output / "trainer"), "seed": spec.seed, "data_seed": spec.seed, "report_to": "none",
         "save_strategy": "steps" if spec.checkpoints else "no", "save_steps": cfg.save_steps,
-        "use_cpu": on_cpu, "bf16": not on_cpu, "gradient_checkpointing": False,
+        "use_cpu": on_cpu, "bf16": use_bf16(device, spec.precision), "gradient_checkpointing": False,
         "disable_tqdm": True, **cfg.trl_args,
     }
 
@@ -90,7 +91,12 @@ def save_trained(trainer, tokenizer, out: Path) -> dict:
     model = trainer.accelerator.unwrap_model(trainer.model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    trainer.save_model(str(out))
+    lora = hasattr(model, "merge_and_unload")
+    if lora:  # a LoRA adapter, merged into the weights: the folder loads like any model's
+        if trainer.is_world_process_zero():
+            save_model(model.merge_and_unload(), tokenizer, out)
+    else:
+        trainer.save_model(str(out))
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the stage's spec.json says it all
@@ -99,4 +105,4 @@ def save_trained(trainer, tokenizer, out: Path) -> dict:
     # torchrun sets LOCAL_WORLD_SIZE: the processes on this machine (every machine starts as many)
     machines = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
     return {"model": str(out), "world_size": world, "machines": machines,
-            "deepspeed_zero_stage": plugin.zero_stage if plugin else None}
+            "deepspeed_zero_stage": plugin.zero_stage if plugin else None, "lora": lora}

@@ -21,7 +21,7 @@ import pandas as pd
 from great_expectations.data_context.types.base import ProgressBarsConfig
 
 from components.jsonl import load_jsonl
-from components.rewards import TASKS, extract_answer, gold_parses, is_correct, well_formed
+from components.rewards import TASKS, extract_answer, gold_parses, grade, well_formed
 
 KINDS = ("prompts", "sft", "rejection_sampled", "eval")
 _TRACE_KINDS = ("sft", "rejection_sampled")
@@ -64,7 +64,7 @@ def _guarded(check: Callable[[dict], bool]) -> Callable[[dict], bool]:
 
 @_guarded
 def _parseable(r: dict) -> bool:
-    return gold_parses(r["answer"], r["task"])
+    return gold_parses(r["answer"], r["task"], r.get("entry"))
 
 
 @_guarded
@@ -74,7 +74,7 @@ def _well_formed(r: dict) -> bool:
 
 @_guarded
 def _correct(r: dict) -> bool:
-    return is_correct(extract_answer(r["completion"]), r["answer"], r["task"], r.get("numbers"))
+    return grade(extract_answer(r["completion"]), r)
 
 
 def _frame(records: list[dict], kind: str) -> pd.DataFrame:

@@ -19,30 +19,46 @@ from prefect import flow
 
 from components import versioning
 from components.benchmarks import import_benchmark
-from components.config import Profile, load_profile
+from components.config import Profile, content_hash, load_profile, plain_template
+from components.gym import gym_splits
 from components.jsonl import write_jsonl
 from components.tracking import NotFound, Tracker, default_uri
 from flows.stages import Artifact, file_digest, run_stage
 
 PROJECT = Path(__file__).resolve().parents[1]
-# name -> (importer, public test file in sources/)
+# name -> (its format, a key of benchmarks.PRESETS; public test file in sources/)
 BENCHMARKS = {
     "gsm8k": ("gsm8k", "sources/gsm8k/test.jsonl.gz"),
-    "math500": ("math500", "sources/math500/test.jsonl.gz"),
+    "math500": ("math", "sources/math500/test.jsonl.gz"),
     "countdown": ("countdown", "sources/countdown/countdown_cd3_test.jsonl.gz"),
 }
+GYM = "reasoning_gym"  # generated, not imported: the test split of the profile's data.tasks
+
+
+def benchmark_records(profile: Profile, name: str) -> tuple[str, list[dict]]:
+    """(file name, records) of a benchmark's test set. reasoning-gym's is the pipeline's own test
+    split of the profile's tasks and data seed (the same problems), named by them."""
+    if name != GYM:
+        kind, source = BENCHMARKS[name]
+        return name, import_benchmark(kind, PROJECT / source)
+    if not profile.data.tasks:
+        raise ValueError(f"--benchmark {GYM} generates the profile's data.tasks, and this profile has none; "
+                         "pass --config with one (e.g. configs/smollm2-gym.yaml)")
+    seed = profile.seed if profile.data.seed is None else profile.data.seed
+    test = gym_splits(profile.data.tasks, seed, 0, 0, profile.data.n_test)[2]
+    return f"{GYM}-{content_hash(profile.data.tasks, seed, profile.data.n_test)[:12]}", test
 
 
 def benchmark_file(root: Path, profile: Profile, name: str) -> Path:
     """``data/benchmarks/NAME.jsonl``, imported, validated and versioned with DVC on first use."""
+    name, records = benchmark_records(profile, name)
     path = root / profile.data_dir / "benchmarks" / f"{name}.jsonl"
     if path.exists():
         return path
     from components.validate import validate_file  # Great Expectations: seconds to import
 
-    kind, source = BENCHMARKS[name]
     staged = path.parent / f".{name}.jsonl"
-    write_jsonl(staged, import_benchmark(kind, PROJECT / source))
+    write_jsonl(staged, records)
     try:
         validate_file(staged, "eval", name=f"benchmark/{name}")
     except BaseException:
@@ -86,8 +102,8 @@ def evaluate_benchmark(model: str, benchmark: str, config: str | None = None, ov
     workspace.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(profile.tracking.tracking_uri or default_uri(workspace), profile.tracking.experiment,
                       workspace / "mlartifacts")
-    if benchmark not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {benchmark!r}; choose from {', '.join(BENCHMARKS)}")
+    if benchmark not in (*BENCHMARKS, GYM):
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose from {', '.join((*BENCHMARKS, GYM))}")
     folder, model_key = model_folder(model, tracker, workspace)
     data = benchmark_file(root_path, profile, benchmark)
     settings = profile.evaluate.model_copy(update={"limit": limit})
@@ -96,7 +112,7 @@ def evaluate_benchmark(model: str, benchmark: str, config: str | None = None, ov
     run_id = tracker.start_run(f"eval {benchmark}: {model}", tags={
         "model": model, "benchmark": benchmark, "data_hash": versioning.data_hash(root_path, profile.data_dir.as_posix())})
     tracker.log_params(run_id, {"evaluate": settings.model_dump(mode="json"), "model_folder": str(folder),
-                                "prompt_template": profile.prompt_template})
+                                "prompt_template": plain_template(profile)})
     try:
         out, key, cached = run_stage(f"eval_{benchmark}", "evaluate", settings, inputs, profile, workspace)
     except BaseException:

@@ -154,16 +154,17 @@ def print_summary(summary: dict, seconds: float) -> None:
 
 @app.command("eval")
 def evaluate(model: str = typer.Argument(..., help="a registered NAME/VERSION or NAME@ALIAS, or a Hugging Face folder"),
-             benchmark: str = typer.Option(..., "--benchmark", "-b", help="gsm8k, math500 or countdown"),
+             benchmark: str = typer.Option(..., "--benchmark", "-b", help="gsm8k, math500, countdown, or "
+                                           "reasoning_gym (the test split of the profile's data.tasks)"),
              limit: int | None = typer.Option(None, "--limit", help="the first N problems only", min=1),
              config: Path | None = ConfigOption, overrides: list[str] | None = SetOption) -> None:
     """Evaluate a model on a public benchmark with R1's protocol (the profile's `evaluate` settings)."""
     _, profile = _profile(config, overrides)
     configure(profile.workspace)
-    from flows.benchmark import BENCHMARKS, evaluate_benchmark
+    from flows.benchmark import BENCHMARKS, GYM, evaluate_benchmark
 
-    if benchmark not in BENCHMARKS:
-        _fail(f"unknown benchmark {benchmark!r}; choose from {', '.join(BENCHMARKS)}", 2)
+    if benchmark not in (*BENCHMARKS, GYM):
+        _fail(f"unknown benchmark {benchmark!r}; choose from {', '.join((*BENCHMARKS, GYM))}", 2)
     with _reported("eval"):
         result = evaluate_benchmark(model=model, benchmark=benchmark, config=str(config) if config else None,
                                     overrides=overrides or [], limit=limit)
@@ -207,7 +208,7 @@ def rerun(run_id: str, config: Path | None = ConfigOption,
 
 
 @app.command()
-def promote(version: str = typer.Argument(..., help="a registered version, NAME/VERSION, e.g. r1flow-r1/3"),
+def promote(version: str = typer.Argument(..., help="a registered version, NAME/VERSION, e.g. r1flow-r1-final/3"),
             config: Path | None = ConfigOption, yes: bool = typer.Option(False, "--yes", help="do not ask")) -> None:
     """Show the promotion checks for a version against the champion, and move `champion` if you say so."""
     _, profile = _profile(config, None)
@@ -217,7 +218,7 @@ def promote(version: str = typer.Argument(..., help="a registered version, NAME/
 
     name, _, number = version.partition("/")
     if not number.isdigit():
-        _fail(f"version {version!r}: expected NAME/VERSION, e.g. r1flow-r1/3", 2)
+        _fail(f"version {version!r}: expected NAME/VERSION, e.g. r1flow-r1-final/3", 2)
     tracker = Tracker(profile.tracking.tracking_uri or default_uri(profile.workspace), profile.tracking.experiment)
     with _reported("promote"):
         candidate = tracker.version(name, number)

@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from components.reports import eval_table, plot_curves
 from components.tracking import Tracker, metric_name
-from flows.recipe import EVALUATED, Step
+from flows.recipe import EVALUATED, RECIPE, Step
 from flows.stages import StageOutput, code_version, read_metrics
 
 FILES = ("result.json", "metrics.json", "samples.jsonl", "stage.log")
@@ -58,8 +58,8 @@ def report(ctx, outputs: dict[str, StageOutput], versions: dict[str, dict]) -> d
     table = {role: outputs[f"eval_{role}"].result["metrics"] for role in EVALUATED if f"eval_{role}" in outputs}
     folder = ctx.workspace / "reports" / ctx.parent_run
     markdown = eval_table(table, versions, ctx.profile.evaluate.k)
-    curves = {name: read_metrics(outputs[name].folder / "metrics.jsonl") for name in ("r1_zero", "r1_rl")
-              if name in outputs}
+    curves = {s.name: read_metrics(outputs[s.name].folder / "metrics.jsonl") for s in RECIPE
+              if s.module == "grpo" and s.name in outputs}  # R1-Zero, R1's RL and its final RL
     plots = plot_curves(curves, folder)
     (folder / "eval_table.md").write_text(markdown + "\n")
     ctx.tracker.log_artifact(ctx.parent_run, folder, "report")

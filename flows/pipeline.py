@@ -1,5 +1,5 @@
 """The R1 recipe as Prefect flows: data → base → R1-Zero | cold start → RL → rejection sampling
-→ SFT → distillation → evaluation → registry (the stages themselves: ``flows.recipe``).
+→ SFT → final RL → distillation → evaluation → registry (the stages themselves: ``flows.recipe``).
 
     r1flow run [--from STAGE | --only STAGE]     # or: python -m flows.cli run ...
 

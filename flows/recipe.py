@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # Every model is evaluated, the students' base too: a registered model must beat its parent.
-EVALUATED = ("base", "cold_start", "r1_zero", "r1_rl", "r1", "student_base", "student", "student_no_traces")
-REGISTERED = ("cold_start", "r1_zero", "r1_rl", "r1", "student")
+EVALUATED = ("base", "cold_start", "r1_zero", "r1_rl", "r1_sft", "r1_final", "student_base", "student",
+             "student_no_traces")
+# Parents before their children: a version's lineage names its parent's registered version.
+REGISTERED = ("cold_start", "r1_zero", "r1_rl", "r1_sft", "r1_final", "student")
 
 
 @dataclass(frozen=True)
@@ -32,12 +34,14 @@ RECIPE = (
     Step("base", "base", "base"),
     # R1-Zero: GRPO straight from the base, rule rewards only.
     Step("r1_zero", "grpo", "grpo", {"model": "base", "data": "data/train", "heldout": "data/validation"}),
-    # R1: a little cold-start SFT, the same RL, rejection sampling, then SFT of the base on the traces.
+    # R1: a little cold-start SFT, the same RL, rejection sampling, SFT of the base on the traces,
+    # then RL again on that SFT model (the final stage; its own section, so its budget is its own).
     Step("cold_start", "sft", "cold_start", {"model": "base", "data": "data/cold_start"}),
     Step("r1_rl", "grpo", "grpo", {"model": "cold_start", "data": "data/train", "heldout": "data/validation"}),
     Step("rejection_sampling", "rejection_sampling", "rejection_sampling", {"model": "r1_rl", "data": "data/train"},
          validate={"train": "rejection_sampled"}),
-    Step("r1", "sft", "sft", {"model": "base", "data": "rejection_sampling/train"}),
+    Step("r1_sft", "sft", "sft", {"model": "base", "data": "rejection_sampling/train"}),
+    Step("r1_final", "grpo", "final_rl", {"model": "r1_sft", "data": "data/train", "heldout": "data/validation"}),
     # Distillation: plain SFT of a smaller student on the same traces.
     Step("student_base", "base", "student"),
     Step("student", "sft", "distill", {"model": "student_base", "data": "rejection_sampling/train"}),
@@ -49,7 +53,8 @@ RECIPE = (
 )
 STAGES = tuple(step.name for step in RECIPE)
 # Each registered model's parent in the lineage.
-PARENTS = {"cold_start": "base", "r1_zero": "base", "r1_rl": "cold_start", "r1": "base", "student": "student_base"}
+PARENTS = {"cold_start": "base", "r1_zero": "base", "r1_rl": "cold_start", "r1_sft": "base", "r1_final": "r1_sft",
+           "student": "student_base"}
 
 
 def recipe_step(name: str) -> Step:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from components.config import Profile, Section, content_hash
+from components.config import Profile, Section, content_hash, plain_template
 from components.stage_io import ERROR_MARK, StageSpec, fetch_checkpoint
 from components.store import MANIFEST, Store, damage, write_manifest
 from flows.forkserver import ForkServer
@@ -140,9 +140,17 @@ def code_version(module: str) -> str:
 
 
 def file_digest(path: Path | None) -> str | None:
+    """sha256 of a file's content, or of a folder's (a ``save_to_disk`` dataset): each file's
+    relative name and content, in sorted order."""
     if path is None:
         return None
-    with Path(path).open("rb") as f:  # streamed: an input file may be large
+    path = Path(path)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path).as_posix()}\0{file_digest(file)}\0".encode())
+        return digest.hexdigest()
+    with path.open("rb") as f:  # streamed: an input file may be large
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
@@ -152,6 +160,8 @@ def runtime_identity(module: str, profile: Profile) -> dict:
     and the number of machines it spans."""
     runtime = profile.runtime
     identity = {"device": runtime.device, "generation_backend": runtime.generation_backend}
+    if runtime.precision != "auto":  # left out at its default: keys made before the setting stay valid
+        identity["precision"] = runtime.precision
     if runtime.launcher == "accelerate" and module in DISTRIBUTED:
         identity["accelerate_config"] = file_digest(runtime.accelerate_config)
         if (group := machines()) is not None:
@@ -187,7 +197,7 @@ def machines() -> Machines | None:
 
 
 def stage_key(module: str, config: Section, inputs: dict[str, Artifact], profile: Profile) -> str:
-    shared = {"seed": profile.seed, "template": profile.prompt_template, "runtime": runtime_identity(module, profile)}
+    shared = {"seed": profile.seed, "template": plain_template(profile), "runtime": runtime_identity(module, profile)}
     return content_hash(module, code_version(module), config, {k: v.key for k, v in sorted(inputs.items())},
                         shared)[:16]
 
@@ -329,7 +339,8 @@ def _train(name: str, module: str, config: Section, inputs: dict[str, Artifact],
         fetch_checkpoint(checkpoints, store.path(f"checkpoints/{name}/{key}"))
     spec = StageSpec(stage=name, config=config.model_dump(mode="json"), output=tmp,
                      inputs={k: v.path for k, v in inputs.items()}, seed=profile.seed,
-                     device=profile.runtime.device, prompt_template=profile.prompt_template,
+                     device=profile.runtime.device, precision=profile.runtime.precision,
+                     prompt_template=plain_template(profile),
                      generation_backend=profile.runtime.generation_backend, checkpoints=checkpoints,
                      checkpoint_store=store.path(f"checkpoints/{name}/{key}") if store and checkpoints else None)
     spec_path = spec.write(tmp / "spec.json")

@@ -7,11 +7,13 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
-STAGES = {"data", "base", "r1_zero", "cold_start", "r1_rl", "rejection_sampling", "r1", "student_base", "student",
+STAGES = {"data", "base", "r1_zero", "cold_start", "r1_rl", "rejection_sampling", "r1_sft", "r1_final",
+          "student_base", "student", "student_no_traces"}
+MODELS = {"base", "cold_start", "r1_zero", "r1_rl", "r1_sft", "r1_final", "student_base", "student",
           "student_no_traces"}
-MODELS = {"base", "cold_start", "r1_zero", "r1_rl", "r1", "student_base", "student", "student_no_traces"}
 EVALS = {f"eval_{m}" for m in MODELS}
-REGISTERED = ["r1flow-cold-start", "r1flow-r1-zero", "r1flow-r1-rl", "r1flow-r1", "r1flow-student"]
+REGISTERED = ["r1flow-cold-start", "r1flow-r1-zero", "r1flow-r1-rl", "r1flow-r1-sft", "r1flow-r1-final",
+              "r1flow-student"]
 LINEAGE_TAGS = {"config_hash", "code_version", "git_commit", "parent_model", "parent_eval_run_id", "eval_run_id",
                 "eval_key", "pass_at_1", "stage_key", "format_rate", "data_validation", "training_health", "data_hash",
                 "promotion"}
@@ -33,13 +35,14 @@ def check_runs(summary: dict) -> None:
     assert set(children) == STAGES | EVALS
     assert all(c.info.status == "FINISHED" for c in children.values())
     assert len(client.get_metric_history(children["r1_zero"].info.run_id, "reward")) >= 2  # a training curve
-    evaluation = children["eval_r1"]
-    assert evaluation.data.metrics["pass_at_1"] == summary["metrics"]["r1"]["pass@1"]
+    evaluation = children["eval_r1_sft"]
+    assert evaluation.data.metrics["pass_at_1"] == summary["metrics"]["r1_sft"]["pass@1"]
     assert "samples.jsonl" in {a.path for a in client.list_artifacts(evaluation.info.run_id)}
     assert set(summary["metrics"]) == MODELS
     # pass@1 on the held-out validation prompts at step 0 and the last step: R1's figure-2 curve
-    heldout = sorted(m.step for m in client.get_metric_history(children["r1_zero"].info.run_id, "heldout/pass_at_1"))
-    assert heldout[0] == 0 and heldout[-1] == children["r1_zero"].data.metrics["steps"]
+    for grpo in ("r1_zero", "r1_final"):
+        heldout = sorted(m.step for m in client.get_metric_history(children[grpo].info.run_id, "heldout/pass_at_1"))
+        assert heldout[0] == 0 and heldout[-1] == children[grpo].data.metrics["steps"]
 
 
 def check_report(summary: dict) -> None:
@@ -63,6 +66,8 @@ def check_registry(summary: dict) -> None:
         assert champion == ({"1"} if verdict.startswith("promoted to champion") else set())
     r1_rl = client.get_model_version_by_alias("r1flow-r1-rl", "candidate")
     assert r1_rl.tags["parent_model"] == "r1flow-cold-start/1"  # lineage names the parent's version
-    source = client.get_model_version_by_alias("r1flow-r1", "candidate").source  # file:// or the server's store
+    r1_final = client.get_model_version_by_alias("r1flow-r1-final", "candidate")
+    assert r1_final.tags["parent_model"] == "r1flow-r1-sft/1"  # the final RL starts from the SFT on the traces
+    source = r1_final.source  # file:// or the server's store
     folder = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=summary["tracking_uri"])
     assert AutoModelForCausalLM.from_pretrained(folder).num_parameters() > 0

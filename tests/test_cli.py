@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.recipe import STAGES, downstream, upstream
+from flows.recipe import EVALUATED, PARENTS, REGISTERED, STAGES, downstream, recipe_step, upstream
 
 runner = CliRunner()
 
@@ -14,7 +14,7 @@ runner = CliRunner()
 @pytest.mark.parametrize(("args", "message"), [
     (["run", "--from", "r2"], "unknown stage 'r2'"),
     (["run", "--only", "base", "--from", "data"], "use --from or --only, not both"),
-    (["promote", "r1flow-r1"], "expected NAME/VERSION"),
+    (["promote", "r1flow-r1-final"], "expected NAME/VERSION"),
 ])
 def test_usage_errors_name_the_problem(args, message):
     result = runner.invoke(app, args)
@@ -28,12 +28,23 @@ def test_deploy_needs_a_prefect_server(monkeypatch):
 
 
 def test_the_recipe_graph_knows_what_a_stage_reads_and_what_reads_it():
-    assert upstream("r1") == {"base", "rejection_sampling", "r1_rl", "cold_start", "data"}
-    assert downstream("cold_start") == {"r1_rl", "rejection_sampling", "r1", "student", "student_no_traces",
-                                        "eval_cold_start", "eval_r1_rl", "eval_r1", "eval_student",
-                                        "eval_student_no_traces"}
-    assert downstream("eval_r1") == set() and upstream("base") == set()
-    assert STAGES[0] == "data" and len(STAGES) == len(set(STAGES)) == 18  # eval_student_base too
+    assert upstream("r1_sft") == {"base", "rejection_sampling", "r1_rl", "cold_start", "data"}
+    assert upstream("r1_final") == {"r1_sft", *upstream("r1_sft")}  # R1's last RL starts from its SFT model
+    assert downstream("cold_start") == {"r1_rl", "rejection_sampling", "r1_sft", "r1_final", "student",
+                                        "student_no_traces", "eval_cold_start", "eval_r1_rl", "eval_r1_sft",
+                                        "eval_r1_final", "eval_student", "eval_student_no_traces"}
+    assert downstream("r1_sft") == {"r1_final", "eval_r1_sft", "eval_r1_final"}  # distillation reads the traces
+    assert downstream("eval_r1_final") == set() and upstream("base") == set()
+    assert STAGES[0] == "data" and len(STAGES) == len(set(STAGES)) == 20  # eval_student_base too
+
+
+def test_the_final_rl_is_grpo_on_the_sft_model_evaluated_registered_and_its_child():
+    step = recipe_step("r1_final")
+    assert (step.module, step.section) == ("grpo", "final_rl")
+    assert step.inputs == {"model": "r1_sft", "data": "data/train", "heldout": "data/validation"}
+    assert PARENTS["r1_final"] == "r1_sft" and {"r1_sft", "r1_final"} <= set(EVALUATED) & set(REGISTERED)
+    assert REGISTERED.index("r1_sft") < REGISTERED.index("r1_final")  # a parent registers first
+    assert recipe_step("student").inputs["data"] == "rejection_sampling/train"  # distillation: still the traces
 
 
 def test_every_stage_has_its_deployment():
@@ -52,7 +63,8 @@ def test_the_results_table_keeps_readable_headers_at_80_columns(monkeypatch):
 
     metrics = {"pass@1": 0.021, "cons@4": 0.0, "greedy_accuracy": 0.5, "format_rate": 0.125,
                "language_consistency": 1.0, "mean_length": 30.812, "prompts": 200}
-    roles = ("base", "cold_start", "r1_zero", "r1_rl", "r1", "student_base", "student", "student_no_traces")
+    roles = ("base", "cold_start", "r1_zero", "r1_rl", "r1_sft", "r1_final", "student_base", "student",
+             "student_no_traces")
     summary = {"run_id": "75a67174535146a59fe836bad7580d07", "stages": {"data": True}, "data_hash": "50c1",
                "tracking_uri": "sqlite:///x", "metrics": dict.fromkeys(roles, metrics),
                "versions": {"student_no_traces": {"version": "12", "champion": True}}}

@@ -7,6 +7,7 @@ import pytest
 from components.config import ConfigError, Profile, load_profile
 
 CONFIGS = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
+GSM8K = Path(__file__).parents[1] / "sources" / "gsm8k" / "test.jsonl.gz"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -38,6 +39,17 @@ def test_overrides_apply_typed_values():
     (["grpo.trl_args={not_a_trl_arg: 1}"], "grpo.trl_args.not_a_trl_arg: not an argument of trl.GRPOConfig"),
     (["grpo.num_generations=3"], "per_device_train_batch_size must be a multiple of num_generations"),
     (["data.source=gsm8k"], "needs train_path and test_path"),
+    (["data.source=gsm8k", "data.train_path=/nowhere.jsonl", "data.test_path=/nowhere.jsonl"],
+     "data: train_path: file not found: /nowhere.jsonl"),
+    (["data.source=file", f"data.train_path={GSM8K}", f"data.test_path={GSM8K}"], "source 'file' needs task"),
+    (["data.source=file", "data.task=math", f"data.train_path={GSM8K}", f"data.test_path={GSM8K}",
+      "data.answer_format=boxed", "data.columns={question: question}"], "columns needs question and solution"),
+    (["data.source=file", "data.task=gsm8k", f"data.train_path={GSM8K}", f"data.test_path={GSM8K}",
+      "data.columns={question: question, answer: answer}"], "task 'gsm8k' needs answer_format: hash"),
+    (["data.source=gsm8k", f"data.train_path={GSM8K}", f"data.test_path={GSM8K}", "data.answer_format=plain"],
+     "source 'gsm8k' has its own columns and answer format; to map a file's columns yourself set source: file"),
+    (["data.source=gsm8k", f"data.train_path={GSM8K}", "data.test_path=README.md"],
+     "README.md: not a format the importer reads; use .jsonl, .json, .csv (each also .gz), .parquet, .arrow"),
     (["base.source=gguf", "base.path=/nowhere"], "needs gguf_file"),
     (["base.pretrain_steps=100"], "pretrain_ema 0.995 averages over ~200 steps, more than pretrain_steps 100"),
     (["rejection_sampling.top_p=1.5"], "rejection_sampling.top_p: Input should be less than or equal to 1"),
@@ -73,3 +85,11 @@ def test_cli_help_lists_commands():
     done = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=False,
                           cwd=Path(__file__).parents[1])
     assert done.returncode == 0 and "run" in done.stdout and "ui" in done.stdout
+
+
+def test_a_file_source_with_a_column_mapping_loads(tmp_path):
+    (tmp_path / "qa.csv").write_text("q,a\nWhat is 1 + 2?,3\n")
+    profile = load_profile(None, ["data.source=file", "data.task=math", "data.answer_format=plain",
+                                  f"data.train_path={tmp_path / 'qa.csv'}", f"data.test_path={tmp_path / 'qa.csv'}",
+                                  "data.columns={question: q, answer: a}"])
+    assert profile.data.columns == {"question": "q", "answer": "a"} and profile.data.task == "math"

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from components.addition import addition_work, held_out
+from components.addition import addition_question, addition_work, held_out
 from components.config import DataConfig
 from components.data import build_datasets, synthetic_addition
 from components.rewards import format_reward
@@ -57,3 +57,24 @@ def test_build_datasets_imports_a_benchmark_and_decontaminates(tmp_path):
     assert report["decontaminated"] == 1 and report["train"] == 1 and report["test"] == 1
     trace = json.loads((tmp_path / "out" / "cold_start.jsonl").read_text())
     assert trace["completion"] == "<think>\n4*2=8\n</think>\n<answer>8</answer>"
+
+
+def test_build_datasets_reads_any_file_through_a_column_mapping(tmp_path):
+    import pandas as pd
+
+    pairs = [(a, b) for a in range(10, 16) for b in range(20, 23)]
+    rows = lambda chosen: pd.DataFrame({"prompt": [addition_question(a, b) for a, b in chosen],
+                                        "sum": [a + b for a, b in chosen],
+                                        "work": [addition_work(a, b) for a, b in chosen]})
+    rows(pairs[:-3]).to_parquet(tmp_path / "train.parquet")
+    rows(pairs[-3:] + pairs[:1]).to_csv(tmp_path / "test.csv", index=False)  # one test problem also in train
+    cfg = DataConfig(source="file", task="gsm8k", answer_format="plain", train_path=tmp_path / "train.parquet",
+                     test_path=tmp_path / "test.csv", columns={"question": "prompt", "answer": "sum", "solution": "work"},
+                     n_validation=2, cold_start_size=5)
+    report = build_datasets(cfg, 0, tmp_path / "out")
+    assert report == {"source": "file", "decontaminated": 1, "train": 12, "validation": 2, "test": 4, "cold_start": 5}
+    test = [json.loads(line) for line in (tmp_path / "out" / "test.jsonl").read_text().splitlines()]
+    assert test[0] == {"id": "gsm8k-test-0", "task": "gsm8k", "question": addition_question(*pairs[-3]),
+                       "answer": str(sum(pairs[-3])), "solution": addition_work(*pairs[-3])}
+    trace = json.loads((tmp_path / "out" / "cold_start.jsonl").read_text().splitlines()[0])
+    assert trace["completion"].endswith(f"</think>\n<answer>{trace['answer']}</answer>")

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
 STORE = "s3://r1flow/store"
-TRAINED = ("r1_zero", "r1_rl")  # the GRPO stages, sent to the gpu pool (each flow run there costs ~20 s here)
+TRAINED = ("r1_zero", "r1_rl", "r1_final")  # the GRPO stages, sent to the gpu pool (each flow run there costs ~20 s here)
 
 
 @pytest.fixture(scope="module")

@@ -69,6 +69,20 @@ def test_registered_versions_with_aliases_and_lineage(first_run):
     check_registry(summary)
 
 
+def test_the_final_rl_trains_on_the_sft_model_and_is_judged_against_it(first_run):
+    _, summary = first_run
+    client = MlflowClient(summary["tracking_uri"])
+    children = child_runs(summary)
+    sft_key = children["r1_sft"].data.tags["stage_key"]
+    assert children["r1_final"].data.params["inputs.model"].endswith(f"/r1_sft/{sft_key}/model")  # from R1 SFT
+    assert children["r1_final"].data.metrics["steps"] == load_profile(MICRO).final_rl.max_steps  # its own section
+    final = client.get_model_version("r1flow-r1-final", summary["versions"]["r1_final"]["version"])
+    sft = summary["versions"]["r1_sft"]
+    assert final.tags["parent_model"] == f"{sft['name']}/{sft['version']}" == "r1flow-r1-sft/1"
+    assert final.tags["parent_eval_run_id"] == children["eval_r1_sft"].info.run_id  # compared with its evaluation
+    assert summary["metrics"]["r1_final"]["pass@1"] == children["eval_r1_final"].data.metrics["pass_at_1"]
+
+
 def test_every_saved_model_reloads(first_run):
     root, _ = first_run
     models = sorted((root / ".r1flow" / "stages").glob("*/*/model"))
@@ -113,8 +127,9 @@ def _prefect_task_states(flow_run_id: str, names: set[str]) -> dict[str, str]:
         time.sleep(1)
 
 
-GRPO_AND_DOWNSTREAM = {"r1_zero", "r1_rl", "rejection_sampling", "r1", "student", "student_no_traces",
-                       "eval_r1_zero", "eval_r1_rl", "eval_r1", "eval_student", "eval_student_no_traces"}
+GRPO_AND_DOWNSTREAM = {"r1_zero", "r1_rl", "rejection_sampling", "r1_sft", "r1_final", "student", "student_no_traces",
+                       "eval_r1_zero", "eval_r1_rl", "eval_r1_sft", "eval_r1_final", "eval_student",
+                       "eval_student_no_traces"}
 
 
 def test_a_grpo_change_reruns_grpo_and_downstream_only_and_from_forces_a_stage_on(first_run):
@@ -126,8 +141,8 @@ def test_a_grpo_change_reruns_grpo_and_downstream_only_and_from_forces_a_stage_o
     forced = r1_pipeline(config=MICRO, overrides=["runtime.device=cpu", "grpo.learning_rate=4e-5"], root=str(root),
                          from_stage="rejection_sampling")
     assert {name for name, cached in forced["stages"].items() if not cached} == {
-        "rejection_sampling", "r1", "student", "student_no_traces", "eval_r1", "eval_student",
-        "eval_student_no_traces"}
+        "rejection_sampling", "r1_sft", "r1_final", "student", "student_no_traces", "eval_r1_sft", "eval_r1_final",
+        "eval_student", "eval_student_no_traces"}
     assert forced["metrics"] == changed["metrics"]  # same keys, same seeds: the same results again
     assert not any(v["new"] for v in forced["versions"].values())  # no duplicate versions
 
@@ -154,11 +169,11 @@ def test_a_regressed_model_stays_candidate_with_the_reason_logged(first_run, cha
     # no CPU's floating-point order can turn that into a gain.
     worse = r1_pipeline(config=MICRO, overrides=["runtime.device=cpu", "sft.max_steps=1", "sft.learning_rate=1e-30"],
                         root=str(root))
-    version = worse["versions"]["r1"]
+    version = worse["versions"]["r1_sft"]
     assert version["new"] and not version["champion"]
-    assert worse["metrics"]["r1"] == worse["metrics"]["base"]
-    assert str(client.get_model_version_by_alias("r1flow-r1", "champion").version) == champions["r1flow-r1"]
-    reason = client.get_model_version("r1flow-r1", version["version"]).tags["promotion"]
+    assert worse["metrics"]["r1_sft"] == worse["metrics"]["base"]
+    assert str(client.get_model_version_by_alias("r1flow-r1-sft", "champion").version) == champions["r1flow-r1-sft"]
+    reason = client.get_model_version("r1flow-r1-sft", version["version"]).tags["promotion"]
     assert reason.startswith("kept as candidate: beats its parent: +0.000 pass@1")
     assert "beats the champion:" in reason
 
@@ -170,9 +185,9 @@ def test_a_failing_stage_leaves_every_champion_in_place(first_run, champions):
     root, summary = first_run
     client = MlflowClient(summary["tracking_uri"])
     before = {name: client.get_model_version_by_alias(name, "champion").version for name in REGISTERED}
-    with pytest.raises(StageFailed, match="'r1' failed"):
+    with pytest.raises(StageFailed, match="'r1_sft' failed"):
         r1_pipeline(config=MICRO, overrides=["runtime.device=cpu", "runtime.stage_python=/bin/false"],
-                    root=str(root), from_stage="r1")
+                    root=str(root), from_stage="r1_sft")
     assert {name: client.get_model_version_by_alias(name, "champion").version for name in REGISTERED} == before
 
 
@@ -181,14 +196,14 @@ def test_bad_traces_stop_the_flow_before_training_on_them(first_run, champions):
 
     root, summary = first_run
     client = MlflowClient(summary["tracking_uri"])
-    before = client.get_model_version_by_alias("r1flow-r1", "champion").version
-    r1_runs = len(list((root / ".r1flow" / "stages" / "r1").iterdir()))
+    before = client.get_model_version_by_alias("r1flow-r1-sft", "champion").version
+    r1_runs = len(list((root / ".r1flow" / "stages" / "r1_sft").iterdir()))
     # Two new tokens cannot hold a well-formed trace: rejection sampling keeps nothing.
     with pytest.raises(DataValidationError, match="rejection_sampled"):
         r1_pipeline(config=MICRO, overrides=["runtime.device=cpu", "rejection_sampling.max_new_tokens=2"],
                     root=str(root))
-    assert len(list((root / ".r1flow" / "stages" / "r1").iterdir())) == r1_runs  # nothing trained
-    assert client.get_model_version_by_alias("r1flow-r1", "champion").version == before
+    assert len(list((root / ".r1flow" / "stages" / "r1_sft").iterdir())) == r1_runs  # nothing trained
+    assert client.get_model_version_by_alias("r1flow-r1-sft", "champion").version == before
 
 
 def test_rerun_on_a_fresh_clone_restores_the_data_and_reproduces_every_metric(first_run, tmp_path):

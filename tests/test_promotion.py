@@ -97,21 +97,21 @@ def test_a_first_version_worse_than_its_parent_stays_candidate(registry):
 
 def test_a_clear_paired_gain_is_promoted_and_plus_one_point_is_not(registry):
     tracker, version = registry
-    first = version("r1flow-r1", correct=140, parent_correct=100)
+    first = version("r1flow-r1-sft", correct=140, parent_correct=100)
     assert passed(review(tracker, first, GATE))
     crown(tracker, first)
-    assert tracker.champion("r1flow-r1").version == "1"
-    assert tracker.version("r1flow-r1", "1").tags["promotion"].startswith("promoted to champion; beats its parent")
+    assert tracker.champion("r1flow-r1-sft").version == "1"
+    assert tracker.version("r1flow-r1-sft", "1").tags["promotion"].startswith("promoted to champion; beats its parent")
 
     # +0.01 over the champion on the same 200 prompts (and far above its parent): noise.
-    noise = version("r1flow-r1", correct=142, parent_correct=100, offset=1)
+    noise = version("r1flow-r1-sft", correct=142, parent_correct=100, offset=1)
     checks = review(tracker, noise, GATE)
     assert [c.name for c in checks if not c.passed] == ["beats the champion"]
-    assert tracker.champion("r1flow-r1").version == "1"
-    reason = tracker.version("r1flow-r1", noise.version).tags["promotion"]
-    assert reason.startswith("kept as candidate: beats the champion: +0.010 pass@1") and "vs champion r1flow-r1/1" in reason
+    assert tracker.champion("r1flow-r1-sft").version == "1"
+    reason = tracker.version("r1flow-r1-sft", noise.version).tags["promotion"]
+    assert reason.startswith("kept as candidate: beats the champion: +0.010 pass@1") and "vs champion r1flow-r1-sft/1" in reason
 
-    clear = version("r1flow-r1", correct=175, parent_correct=100)
+    clear = version("r1flow-r1-sft", correct=175, parent_correct=100)
     assert passed(review(tracker, clear, GATE))
 
 

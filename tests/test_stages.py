@@ -70,7 +70,7 @@ def test_a_help_string_of_the_config_schema_changes_no_stage_key(components_copy
 def test_an_edit_to_the_accuracy_reward_changes_only_what_grades_with_it_and_downstream(components_copy):
     edit = lambda copy: _edit(copy / "rewards.py", "def accuracy_reward(", "def accuracy_reward(  # edited\n")
     changed = _changed_keys(edit, components_copy)
-    assert changed == {"r1_zero", "r1_rl", "rejection_sampling", "r1", "student", "student_no_traces",
+    assert changed == {"r1_zero", "r1_rl", "rejection_sampling", "r1_sft", "r1_final", "student", "student_no_traces",
                        *(s for s in STAGES if s.startswith("eval_"))}
     assert not changed & {"data", "base", "cold_start", "student_base"}
 

@@ -391,10 +391,10 @@ def test_promote_of_a_version_that_does_not_exist_fails_in_one_line(tmp_path):
 
 
 def test_promote_with_dotdot_in_the_name_or_version_fails_in_one_line(tmp_path):
-    """`r1flow promote ../3` and `r1flow promote r1flow-r1/../3` each exit non-zero with one line
+    """`r1flow promote ../3` and `r1flow promote r1flow-r1-final/../3` each exit non-zero with one line
     (a name is letters, digits, '.', '-', '_'; a version is NAME/NUMBER) and write nothing outside
     the workspace."""
     line = _cli_refusal(tmp_path, "promote", "../3", "--yes")
     assert "promote failed: '..'/'3': a registered model name and version are letters" in line
-    line = _cli_refusal(tmp_path / "again", "promote", "r1flow-r1/../3", "--yes")
-    assert "version 'r1flow-r1/../3': expected NAME/VERSION" in line
+    line = _cli_refusal(tmp_path / "again", "promote", "r1flow-r1-final/../3", "--yes")
+    assert "version 'r1flow-r1-final/../3': expected NAME/VERSION" in line
