@@ -63,7 +63,17 @@ def registered_version(ctx, role: str, outputs: dict[str, StageOutput], data_has
         parent=registered[parent]["ref"] if parent in registered else f"{parent} (stage {outputs[parent].key})",
         parent_eval_run_id=outputs[f"eval_{parent}"].run_id if f"eval_{parent}" in outputs else None,
         health=promotion.training_health(read_metrics(out.folder / "metrics.jsonl"), ctx.profile.promotion))
+    tags.update(base_provenance(role, outputs))
     return ctx.tracker.version(name, ctx.tracker.register(out.run_id, out.folder / "model", name, tags)), True
+
+
+def base_provenance(role: str, outputs: dict[str, StageOutput]) -> dict[str, str]:
+    """Where the pretrained weights under a model came from, as the base stage checked them (a
+    GGUF file's sha256 against the profile's pin, its header name, the package that shipped it)."""
+    while role in PARENTS:
+        role = PARENTS[role]
+    found = outputs[role].result.get("provenance") if role in outputs else None
+    return {f"base_{key}": str(value) for key, value in (found or {}).items()}
 
 
 def eval_key(ctx, outputs: dict[str, StageOutput]) -> str:

