@@ -77,9 +77,8 @@ def read_seed(folder: Path, experiment: str) -> dict:
     tracker = Tracker(default_uri(folder / ".r1flow"), experiment)
     parent = tracker.pipeline_runs(limit=1)[0]
     grpo = tracker.child_runs(parent.run_id)["r1_zero"]
-    evals = tracker.client.search_runs([tracker.experiment_id], "tags.benchmark = 'gsm8k'")
-    gsm8k = {role: run.data.metrics for role in MODELS for run in evals
-             if run.data.tags.get("model") == str(model_folder(folder, role))}
+    evals = tracker.benchmark_runs("gsm8k")[::-1]  # oldest first: the newest run of a model wins
+    gsm8k = {role: run.metrics for role in MODELS for run in evals if run.tags.get("model") == str(model_folder(folder, role))}
     return {"metrics": parent.metrics, "curves": {key: tracker.metric_history(grpo.run_id, key) for key in CURVES},
             "gsm8k": gsm8k, "grpo_seconds": grpo.seconds, "run_id": parent.run_id}
 

@@ -4,7 +4,8 @@
     import_file("qa.parquet", task="math", columns={"question": "q", "answer": "a"}, answer_format="plain")
 
 Any local file the ``datasets`` library reads is a source: .jsonl, .json, .csv (each also
-gzipped), .parquet, .arrow, or a ``save_to_disk`` folder. A column mapping says which column
+gzipped), .parquet, .arrow, or a ``save_to_disk`` folder; JSON Lines are read line by line
+(``components.jsonl``), the rest by ``datasets``. A column mapping says which column
 holds each record field and ``answer_format`` how the gold answer is written: ``hash`` (GSM8K's
 ``#### N`` ending the worked solution), ``boxed`` (MATH: the answer column, else the solution's
 last ``\\boxed{}``) or ``plain``. A record is ``{"id", "task", "question", "answer"}``, plus
@@ -19,7 +20,7 @@ from __future__ import annotations
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from components.jsonl import read_rows
 
@@ -155,20 +156,53 @@ def read_table(path: Path):  # -> datasets.Dataset (imported lazily, so not name
                                          keep_in_memory=True)
     # datasets passes its readers' errors on: ArrowInvalid, BadGzipFile, StopIteration (an empty CSV), ...
     except (datasets.exceptions.DatasetsError, ValueError, OSError, StopIteration) as exc:
-        raise _unreadable(path, kind, exc) from None
+        reason = exc.__cause__ or exc
+        raise ValueError(f"{path}: not readable as {builder} ({str(reason) or type(reason).__name__}); check it "
+                         f"is a whole {kind} file, or convert it to one of {ACCEPTED}") from None
 
 
-def _unreadable(path: Path, kind: str, exc: Exception) -> ValueError:
-    # datasets says neither the line of bad JSON nor why a file has no rows; JSON Lines are read
-    # once more line by line, whose errors name the line (invalid JSON, not UTF-8, bad gzip).
-    if kind == ".jsonl" and sum(1 for _ in read_rows(path)) == 0:
-        return ValueError(f"{path}: no rows (blank lines only); a JSON Lines file holds one object per line")
-    reason = exc.__cause__ or exc
-    return ValueError(f"{path}: not readable as {FORMATS[kind]} ({str(reason) or type(reason).__name__}); "
-                      f"check it is a whole {kind} file, or convert it to one of {ACCEPTED}")
+class Words(NamedTuple):
+    """How errors name a place and a value: in a JSON Lines file's own terms (line N, field, JSON
+    types), the line an editor jumps to; in a table's (row N, column)."""
+
+    row: str
+    cell: str
+    kinds: dict[type, str]  # a value's type, as the file writes it
+    text: str  # how to write text there
+    missing: str  # a cell with no value, and what to do about it
 
 
-def _columns(path: Path, columns: dict[str, Any], present: list[str]) -> dict[str, str]:
+LINES = Words("line", "field", {bool: "a JSON boolean", int: "a JSON number", float: "a JSON number",
+                                list: "a JSON array", dict: "a JSON object"},
+              "a JSON string", "missing required field {!r}; add it to the line")
+ROWS = Words("row", "column", {bool: "a boolean", int: "a number", float: "a number", list: "a list",
+                               dict: "a mapping"}, "text", "column {!r} is empty; fill it in or remove the row")
+
+
+def _read(path: Path, limit: int | None) -> tuple[list[tuple[int, dict]], list[str], Words]:
+    """A file's first ``limit`` rows as (position from 1, row), the file's columns, and its words.
+
+    JSON Lines go through ``read_rows``, not ``datasets``: it names the line of bad JSON or of
+    bytes that are not UTF-8, and refuses an overlong line after reading 1 MiB of it (datasets
+    would load the whole file first, and name no line).
+    """
+    path = Path(path)
+    if path.exists() and file_format(path) == ".jsonl":  # a missing file: read_table says so
+        rows = list(read_rows(path))
+        if not rows:
+            raise ValueError(f"{path}: no rows (empty, or blank lines only); a JSON Lines file holds one JSON "
+                             "object per line")
+        # The columns: every key a line has, in order of first appearance, as datasets reads them.
+        return rows[:limit], list(dict.fromkeys(key for _, row in rows for key in row)), LINES
+    table = read_table(path)
+    if len(table) == 0:
+        raise ValueError(f"{path}: no rows; a dataset file holds one prompt per row")
+    if limit is not None:
+        table = table.select(range(min(limit, len(table))))
+    return list(enumerate(table.to_list(), 1)), table.column_names, ROWS
+
+
+def _columns(path: Path, columns: dict[str, Any], present: list[str], words: Words) -> dict[str, str]:
     """Record field -> the file's column it is read from."""
     found = {}
     for name, column in columns.items():
@@ -177,8 +211,8 @@ def _columns(path: Path, columns: dict[str, Any], present: list[str]) -> dict[st
             if column is None:
                 continue
         elif column not in present:
-            raise ValueError(f"{path}: no column {column!r} (columns.{name}); the file has {', '.join(present)}; "
-                             f"map {name} to one of them")
+            raise ValueError(f"{path}: no {words.cell} {column!r} (columns.{name}); the file has "
+                             f"{', '.join(present)}; map {name} to one of them")
         found[name] = column
     return found
 
@@ -186,57 +220,60 @@ def _columns(path: Path, columns: dict[str, Any], present: list[str]) -> dict[st
 # --- one row, one record --------------------------------------------------------------------
 
 
-def _kind(value: Any) -> str:
-    kinds = {bool: "boolean", int: "number", float: "number", list: "list", dict: "mapping"}
-    return kinds.get(type(value), type(value).__name__)
+def _kind(value: Any, words: Words) -> str:
+    return words.kinds.get(type(value), f"a {type(value).__name__}")
 
 
-def _value(row: dict, column: str, where: str) -> Any:
+def _value(row: dict, column: str, where: str, words: Words) -> Any:
     if row.get(column) is None:
-        raise ValueError(f"{where}: column {column!r} is empty; fill it in or remove the row")
+        raise ValueError(f"{where}: {words.missing.format(column)}")
     return row[column]
 
 
-def _text(row: dict, column: str, where: str) -> str:
+def _text(row: dict, column: str, where: str, words: Words) -> str:
     # A number or a list where text belongs would crash later (``.strip()``) or pass as a prompt.
-    value = _value(row, column, where)
+    value = _value(row, column, where, words)
     if not isinstance(value, str) or not value.strip():
-        got = "empty text" if isinstance(value, str) else f"a {_kind(value)}"
-        raise ValueError(f"{where}: column {column!r} must be non-empty text, got {got}; write it as text")
+        got = "empty text" if isinstance(value, str) else _kind(value, words)
+        raise ValueError(f"{where}: {words.cell} {column!r} must be non-empty text, got {got}; "
+                         f"write it as {words.text}")
     return value
 
 
-def _scalar(row: dict, column: str, where: str, optional: bool) -> str | None:
+def _scalar(row: dict, column: str, where: str, words: Words, optional: bool) -> str | None:
     """A plain answer as text: a number counts (a CSV or parquet column of integers)."""
     value = row.get(column)
     if isinstance(value, (bool, list, dict)):
         # ValueError, not TypeError: to callers this is bad input, like an empty cell.
         raise ValueError(  # noqa: TRY004
-            f"{where}: column {column!r} must be text or a number, got a {_kind(value)}; write it as text"
+            f"{where}: {words.cell} {column!r} must be text or a number, got {_kind(value, words)}; "
+            f"write it as {words.text}"
         )
     text = "" if value is None else str(value).strip()
     if not text and not optional:
-        raise ValueError(f"{where}: column {column!r} is empty; fill it in or remove the row")
+        raise ValueError(f"{where}: {words.missing.format(column)}")
     return text or None
 
 
-def _answer(row: dict, cols: dict[str, str], answer_format: str, where: str) -> tuple[str, str | None]:
+def _answer(row: dict, cols: dict[str, str], answer_format: str, where: str,
+            words: Words) -> tuple[str, str | None]:
     """(gold answer, worked solution or None), as the answer format writes them."""
     if answer_format == "hash":
         column = cols["answer"]
-        solution, sep, final = _text(row, column, where).rpartition("####")
+        solution, sep, final = _text(row, column, where, words).rpartition("####")
         if not sep or not final.strip():
-            raise ValueError(f"{where}: column {column!r} has no '#### N' final answer; end it with '#### ' "
-                             "and the number")
+            raise ValueError(f"{where}: {words.cell} {column!r} has no '#### N' final answer; end it with "
+                             "'#### ' and the number")
         return final.strip().replace(",", ""), _CALC.sub("", solution).strip()
-    solution = _text(row, cols["solution"], where).strip() if "solution" in cols else None
-    answer = _scalar(row, cols["answer"], where, optional=answer_format == "boxed") if "answer" in cols else None
+    solution = _text(row, cols["solution"], where, words).strip() if "solution" in cols else None
+    answer = (_scalar(row, cols["answer"], where, words, optional=answer_format == "boxed")
+              if "answer" in cols else None)
     if answer is None:  # boxed: the solution's last box stands in for a missing answer
         answer = boxed_answer(solution)
         if answer is None:
-            column = f" in column {cols['answer']!r}" if "answer" in cols else ""
-            raise ValueError(f"{where}: no answer{column} and no \\boxed{{}} in column {cols['solution']!r}; "
-                             "box the final answer")
+            column = f" in {words.cell} {cols['answer']!r}" if "answer" in cols else ""
+            raise ValueError(f"{where}: no answer{column} and no \\boxed{{}} in {words.cell} "
+                             f"{cols['solution']!r}; box the final answer")
     return answer, solution
 
 
@@ -249,11 +286,12 @@ def _level(value: Any) -> int | None:
 
 
 def _record(row: dict, cols: dict[str, str], task: str, answer_format: str | None, where: str,
-            fallback_id: str) -> dict:
+            words: Words, fallback_id: str) -> dict:
     key = row.get(cols.get("id"))  # an empty id cell falls back as a missing id column does
     record = {"id": f"{task}-{fallback_id if key is None else key}", "task": task}
     if task == "countdown":
-        raw, target = _value(row, cols["numbers"], where), str(_value(row, cols["target"], where)).strip()
+        raw = _value(row, cols["numbers"], where, words)
+        target = str(_value(row, cols["target"], where, words)).strip()
         try:
             numbers = [int(x) for x in (raw.split(",") if isinstance(raw, str) else raw)]
             int(target)
@@ -261,8 +299,8 @@ def _record(row: dict, cols: dict[str, str], task: str, answer_format: str | Non
             raise ValueError(f"{where}: bad countdown numbers/target ({exc}); write the numbers as '30,100,93' "
                              "or a list of integers and the target as an integer") from None
         return {**record, "question": countdown_question(numbers, target), "answer": target, "numbers": numbers}
-    record["question"] = _text(row, cols["question"], where).strip()
-    record["answer"], solution = _answer(row, cols, answer_format, where)
+    record["question"] = _text(row, cols["question"], where, words).strip()
+    record["answer"], solution = _answer(row, cols, answer_format, where, words)
     if solution is not None:
         record["solution"] = solution
     if row.get(cols.get("level")) is not None:
@@ -282,28 +320,27 @@ def import_file(path: Path, task: str, columns: dict[str, Any], answer_format: s
     """The first ``limit`` rows of a dataset file (all: None) as prompt records.
 
     ``columns`` maps record fields to the file's columns; a record's id is ``TASK-`` and its id
-    cell, else ``TASK-STEM-INDEX`` (the 0-based row: ``gsm8k-test-0``). Errors name the file and the row (counted
-    from 1); two rows with one question or id are refused, naming both: the data suites demand
-    both unique, and a duplicate could slip past them by landing in the split a suite does not check.
+    cell, else ``TASK-STEM-INDEX`` (the 0-based record: ``gsm8k-test-0``). Errors name the file and
+    the line (JSON Lines) or row (counted from 1); two rows with one question or id are refused,
+    naming both: the data suites demand both unique, and a duplicate could slip past them by landing
+    in the split a suite does not check.
     """
     check_mapping(task, columns, answer_format)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     path = Path(path)
-    table = read_table(path)
-    if len(table) == 0:
-        raise ValueError(f"{path}: no rows; a dataset file holds one prompt per row")
-    cols = _columns(path, columns, table.column_names)
-    rows = table.select(range(min(limit, len(table)))) if limit is not None else table
+    rows, present, words = _read(path, limit)
+    cols = _columns(path, columns, present, words)
     records, seen = [], {}
-    for index, row in enumerate(rows.to_list()):
-        where = f"{path}, row {index + 1}"
-        record = _record(row, cols, task, answer_format, where, f"{_stem(path)}-{index}")
+    for index, (n, row) in enumerate(rows):
+        where = f"{path}, {words.row} {n}"
+        record = _record(row, cols, task, answer_format, where, words, f"{_stem(path)}-{index}")
         for key in ("question", "id"):
-            first = seen.setdefault((key, record[key]), index + 1)
-            if first != index + 1:
+            first = seen.setdefault((key, record[key]), n)
+            if first != n:
                 what = "same question" if key == "question" else f"same id {record['id']!r}"
-                raise ValueError(f"{where}: duplicate prompt ({what} as row {first}); remove one of the two rows")
+                raise ValueError(f"{where}: duplicate prompt ({what} as {words.row} {first}); remove one of "
+                                 f"the two {words.row}s")
         records.append(record)
     return records
 

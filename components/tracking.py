@@ -163,6 +163,12 @@ class Tracker:
                                        order_by=["attributes.start_time DESC"], max_results=1000)
         return [_record(r) for r in runs if "mlflow.parentRunId" not in r.data.tags][:limit]
 
+    def benchmark_runs(self, benchmark: str) -> list[RunRecord]:
+        """The finished ``r1flow eval`` runs on a benchmark, newest first."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.benchmark = '{benchmark}' and "
+                                       "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
+        return [_record(r) for r in runs]
+
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, metric_name(key)))
 

@@ -243,7 +243,7 @@ def test_an_empty_cell_names_path_row_and_column(tmp_path, kind, rows, column):
     path = _jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(ValueError) as err:
         import_benchmark(kind, path)
-    assert str(err.value).startswith(f"{path}, row 2: column {column!r} is empty")
+    assert str(err.value).startswith(f"{path}, line 2: missing required field {column!r}; add it to the line")
 
 
 def test_a_missing_column_names_the_columns_the_file_has(tmp_path):
@@ -256,7 +256,7 @@ def test_a_missing_column_names_the_columns_the_file_has(tmp_path):
 
 def test_bad_rows_name_the_file_and_row(tmp_path):
     path = _jsonl(tmp_path / "bad.jsonl", [GSM8K_ROWS[0], {"question": "q", "answer": "no marker"}])
-    with pytest.raises(ValueError, match=r"bad.jsonl, row 2: column 'answer' has no '#### N' final answer"):
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: field 'answer' has no '#### N' final answer"):
         import_benchmark("gsm8k", path)
     pd.DataFrame({"q": ["a", "b", "c"], "final": ["1", "2", "1"], "id": ["x", "y", "x"]}).to_parquet(
         tmp_path / "dup.parquet")
@@ -270,7 +270,7 @@ def test_bad_rows_name_the_file_and_row(tmp_path):
     with pytest.raises(ValueError, match="list.parquet, row 1: column 'final' must be text or a number, got a list"):
         import_file(tmp_path / "list.parquet", "gsm8k", {"question": "q", "answer": "final"}, "plain")
     _jsonl(tmp_path / "cd.jsonl", [{"input": "1,x", "output": "3"}])
-    with pytest.raises(ValueError, match="cd.jsonl, row 1: bad countdown numbers/target"):
+    with pytest.raises(ValueError, match="cd.jsonl, line 1: bad countdown numbers/target"):
         import_benchmark("countdown", tmp_path / "cd.jsonl")
 
 
@@ -280,13 +280,13 @@ def test_invalid_json_names_line(tmp_path):
     with pytest.raises(ValueError) as err:
         load_jsonl(path)
     assert str(path) in str(err.value) and "line 3" in str(err.value)
-    with pytest.raises(ValueError, match="line 3: invalid JSON"):  # datasets names no line: read once more
+    with pytest.raises(ValueError, match="line 3: invalid JSON"):  # JSON Lines are read by load_jsonl's reader
         import_benchmark("countdown", path)
 
 
 @pytest.mark.parametrize(("name", "content", "message"), [
-    ("empty.jsonl", b"", "empty file, no rows"),
-    ("blank.jsonl", b"\n\n", "no rows (blank lines only)"),
+    ("empty.jsonl", b"", "no rows (empty, or blank lines only)"),
+    ("blank.jsonl", b"\n\n", "no rows (empty, or blank lines only)"),
     ("header.csv", b"q,final\n", "not readable as csv"),
     ("bad.parquet", b"not parquet", "not readable as parquet"),
     ("bad.jsonl.gz", b"not gzip", "not a readable gzip file"),
