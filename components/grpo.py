@@ -34,7 +34,7 @@ from components.trainer import (
 )
 
 
-def prompt_dataset(records: list[dict], tokenizer, template: str) -> Dataset:
+def prompt_dataset(records: list[dict], tokenizer, template: str | list[dict]) -> Dataset:
     """Rendered prompts plus the columns the rewards read (TRL passes every column to them)."""
     rows = [{"prompt": render_prompt(tokenizer, r["question"], template), "answer": r["answer"], "task": r["task"]}
             for r in records]
