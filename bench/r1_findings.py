@@ -29,6 +29,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from seed_band import plot_seed_band  # bench/, beside this script
 
 from components.config import load_profile
 from components.tracking import Tracker, default_uri
@@ -130,12 +131,7 @@ def report(seeds: dict[int, dict], k: int, out: Path) -> str:
     for key, (file, title) in CURVES.items():
         figure, axes = plt.subplots(figsize=(6, 3.5))
         for stage, label in GRPO.items():
-            series = [dict(s["curves"][stage, key]) for s in seeds.values()]
-            steps = sorted(set.intersection(*(set(x) for x in series)))
-            values = [[x[step] for x in series] for step in steps]
-            line, = axes.plot(steps, [mean(v) for v in values], marker=".", label=label)
-            axes.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2,
-                              color=line.get_color())
+            plot_seed_band(axes, [s["curves"][stage, key] for s in seeds.values()], label)
         axes.set(xlabel="GRPO step", title=f"{title}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
         axes.grid(alpha=0.3)
         axes.legend()

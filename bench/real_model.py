@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from seed_band import plot_seed_band  # bench/, beside this script
 
 from components.config import load_profile
 from components.tracking import Tracker, default_uri
@@ -43,7 +45,10 @@ CURVES = {"reward": "GRPO reward (training batch)", "heldout/pass_at_1": "held-o
 
 def r1flow(folder: Path, args: list[str], log: str) -> None:
     """An r1flow command in the seed's folder; its output kept beside it, the bench stopped on failure."""
-    done = subprocess.run([R1FLOW, *args], cwd=folder, capture_output=True, text=True, check=False)
+    # One torch thread unless told otherwise: GRPO on one core, and two threads ran ~7x slower than
+    # one whenever another process was busy on the other core.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    done = subprocess.run([R1FLOW, *args], cwd=folder, env=env, capture_output=True, text=True, check=False)
     (folder / log).write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         sys.exit(f"{' '.join(args[:2])} failed in {folder}; log: {folder / log}\n{(done.stdout + done.stderr)[-3000:]}")
@@ -116,11 +121,7 @@ def report(seeds: dict[int, dict], title: str, out: Path, name: str) -> str:
     (out / f"{name}.md").write_text(markdown)
     figure, axes = plt.subplots(figsize=(6, 3.5))
     for key, label in CURVES.items():
-        series = [dict(s["curves"][key]) for s in seeds.values()]
-        steps = sorted(set.intersection(*(set(x) for x in series)))
-        values = [[x[step] for x in series] for step in steps]
-        line, = axes.plot(steps, [mean(v) for v in values], marker=".", label=label)
-        axes.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2, color=line.get_color())
+        plot_seed_band(axes, [s["curves"][key] for s in seeds.values()], label)
     axes.set(xlabel="GRPO step", ylim=(0, 1.05), title=f"R1-Zero on a real model, seeds {ids} (mean, min-max band)")
     axes.grid(alpha=0.3)
     axes.legend()

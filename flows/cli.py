@@ -113,8 +113,8 @@ def _reported(what: str):
             logger.removeFilter(one_line)
 
 
-SHORT = {"greedy_accuracy": "greedy", "format_rate": "format", "language_consistency": "lang",
-         "mean_length": "tokens"}  # headers that fit an 80-column terminal (a test renders it)
+SHORT = {"lenient_pass@1": "lenient", "greedy_accuracy": "greedy", "format_rate": "format",
+         "language_consistency": "lang", "mean_length": "tokens"}  # headers that fit an 80-column terminal (a test renders it)
 
 
 def print_summary(summary: dict, seconds: float) -> None:
@@ -132,7 +132,7 @@ def print_summary(summary: dict, seconds: float) -> None:
         return
     table = Table(title=f"r1flow results (run {summary['run_id'][:8]}, {seconds / 60:.1f} min)",
                   caption="ver: in the MLflow registry as <prefix>-<model>; ★ champion", box=box.SIMPLE_HEAD,
-                  pad_edge=False)
+                  pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))  # 9 columns in 80
     metrics = next(iter(summary["metrics"].values()))
     keys = [k for k in metrics if k != "prompts"]
     table.add_column("model", no_wrap=True)
