@@ -77,13 +77,13 @@ def pm(values: list[float]) -> str:
 def findings(seeds: dict[int, dict]) -> list[tuple[str, bool, bool, str]]:
     """The issue's claims: (claim, holds on the mean over seeds, holds for every seed, per-seed figures)."""
     get = lambda role, key: [s["metrics"][f"{role}.{key}"] for s in seeds.values()]
-    zero, r1 = get("r1_zero", "pass_at_1"), get("r1_rl", "pass_at_1")
+    zero, rl = get("r1_zero", "pass_at_1"), get("r1_rl", "pass_at_1")
     final, sft = get("r1_final", "pass_at_1"), get("r1_sft", "pass_at_1")
     lift = [z - b for z, b in zip(zero, get("base", "pass_at_1"))]
     lengths = [(c[0][1], c[-1][1]) for c in (s["curves"]["r1_zero", "heldout/mean_length"] for s in seeds.values())]
     grew = [b > a for a, b in lengths]
     formats = get("r1_rl", "format_rate")
-    share = [s / t for s, t in zip(get("student", "pass_at_1"), r1)]
+    share = [s / t for s, t in zip(get("student", "pass_at_1"), rl)]
     gap = [a - b for a, b in zip(get("student", "pass_at_1"), get("student_no_traces", "pass_at_1"))]
     minutes = [s["wall"] / 60 for s in seeds.values()]
     at_least = lambda values, floor: (mean(values) >= floor, all(v >= floor for v in values))
@@ -91,8 +91,8 @@ def findings(seeds: dict[int, dict]) -> list[tuple[str, bool, bool, str]]:
         ("R1-Zero: pass@1 − base ≥ 0.20", *at_least(lift, 0.20), ", ".join(f"{x:+.3f}" for x in lift)),
         ("R1-Zero: held-out completion length grows over GRPO", all(grew), all(grew),
          ", ".join(f"{a:.1f}→{b:.1f}" for a, b in lengths) + " tokens"),
-        ("R1: cold start + RL pass@1 ≥ R1-Zero's", mean(r1) >= mean(zero), all(a >= b for a, b in zip(r1, zero)),
-         ", ".join(f"{a:.3f} vs {b:.3f}" for a, b in zip(r1, zero))),
+        ("R1: cold start + RL pass@1 ≥ R1-Zero's", mean(rl) >= mean(zero), all(a >= b for a, b in zip(rl, zero)),
+         ", ".join(f"{a:.3f} vs {b:.3f}" for a, b in zip(rl, zero))),
         ("R1 final (RL after the SFT) pass@1 ≥ R1 SFT's", mean(final) >= mean(sft),
          all(a >= b for a, b in zip(final, sft)), ", ".join(f"{a:.3f} vs {b:.3f}" for a, b in zip(final, sft))),
         ("R1: format ≥ 0.95", *at_least(formats, 0.95),

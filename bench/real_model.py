@@ -1,7 +1,7 @@
 """A real pretrained model learning by RL on this CPU, over seeds: one table, one curve.
 
     .venv/bin/python bench/real_model.py [--seeds 0 1 2] [--config configs/smollm2-gym.yaml]
-        [--set KEY=VALUE ...] [--gsm8k 200] [--name real_model]
+        [--set KEY=VALUE ...] [--gsm8k 200 [--gsm8k-seeds 0]] [--name real_model] [--reuse]
 
 Each seed is a first `r1flow run --set seed=N` of the profile (default: SmolLM2-135M-Instruct,
 R1-Zero GRPO on reasoning-gym chain_sum) in an empty project folder
@@ -152,6 +152,8 @@ def main() -> None:
             (folder / "wall_seconds").write_text(f"{run_seed(seed, settings, folder):.1f}")
         if args.gsm8k and seed in (args.gsm8k_seeds or args.seeds):
             score_gsm8k(folder, settings, args.gsm8k)
+        if not (folder / "wall_seconds").exists():
+            sys.exit(f"seed {seed}: no finished run in {folder}; run it without --reuse first")
         wall = float((folder / "wall_seconds").read_text())
         seeds[seed] = {**read_seed(folder, profile.tracking.experiment), "wall": wall}
         print(f"seed {seed}: {wall / 60:.1f} min", flush=True)

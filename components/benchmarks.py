@@ -288,7 +288,7 @@ def _level(value: Any) -> int | None:
 def _record(row: dict, cols: dict[str, str], task: str, answer_format: str | None, where: str,
             words: Words, fallback_id: str) -> dict:
     key = row.get(cols.get("id"))  # an empty id cell falls back as a missing id column does
-    record = {"id": f"{task}-{fallback_id if key is None else key}", "task": task}
+    record = {"id": f"{task}-{fallback_id if key in (None, '') else key}", "task": task}
     if task == "countdown":
         raw = _value(row, cols["numbers"], where, words)
         target = str(_value(row, cols["target"], where, words)).strip()

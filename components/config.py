@@ -47,10 +47,10 @@ class DataConfig(Section):
         None, description="file: how the answer column gives the gold answer. hash: GSM8K's '#### N' at its end, "
         "the text before it the solution (<<..>> annotations removed); boxed: the answer column, else the last "
         "\\boxed{} of the solution column; plain: the column is the answer. Countdown: none (the target is)")
-    n_train: int = Field(2000, gt=0, description="training prompts (synthetic) or import limit")
+    n_train: int = Field(2000, gt=0, description="training prompts (synthetic, reasoning_gym) or import limit")
     n_validation: int = Field(100, ge=0, description="validation prompts (synthetic: held-out problems, like "
                               "test; benchmarks: split off the training set)")
-    n_test: int = Field(200, gt=0, description="held-out test prompts (synthetic) or import limit")
+    n_test: int = Field(200, gt=0, description="held-out test prompts (synthetic, reasoning_gym) or import limit")
     min_digits: int = Field(2, ge=1, description="synthetic: fewest digits in an operand")
     max_digits: int = Field(2, ge=1, description="synthetic: most digits in an operand")
     cold_start_size: int = Field(200, gt=0, description="readable long-CoT examples for the cold start")
@@ -58,7 +58,8 @@ class DataConfig(Section):
     tasks: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="reasoning_gym: task name -> its config (reasoning-gym's own keys), "
         "e.g. {chain_sum: {min_terms: 2, max_terms: 2}}; the prompts are shared out evenly")
-    seed: int | None = Field(None, description="generators' seed (synthetic, reasoning_gym); none: the profile's. "
+    seed: int | None = Field(None, description="generators' seed (synthetic, reasoning_gym) and the file sources' "
+                             "train/validation shuffle; none: the profile's. "
                              "Fixed, every training seed is measured on the same test problems")
 
     @model_validator(mode="after")
@@ -72,7 +73,7 @@ class DataConfig(Section):
         return self
 
     def _check_files(self) -> None:
-        """A benchmark source: both files there and readable, and (source file) a mapping that fits its task."""
+        """A file source: both files there in a format the importer reads, and (source file) a mapping that fits its task."""
         from components.benchmarks import check_mapping, file_format  # the importer's own rules
 
         for key in ("train_path", "test_path"):
@@ -190,6 +191,8 @@ class GRPOConfig(TrainConfig):
             raise ValueError("use_vllm needs vllm_mode: colocate or server (set it: TRL's default changed in 1.16)")
         if self.per_device_train_batch_size % self.num_generations:
             raise ValueError("per_device_train_batch_size must be a multiple of num_generations")
+        if self.lora_alpha is not None and not self.lora_r:
+            raise ValueError("lora_alpha scales a LoRA adapter, and lora_r is 0 (full fine-tuning); set lora_r too")
         return self
 
 

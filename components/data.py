@@ -76,10 +76,15 @@ def cold_start_trace(record: dict) -> dict | None:
     return {**record, "completion": r1_completion(thought, record["answer"])}
 
 
+def data_seed(cfg: DataConfig, seed: int) -> int:
+    """The generators' and shuffle's seed: the data section's own, else the profile's."""
+    return seed if cfg.seed is None else cfg.seed
+
+
 def build_datasets(cfg: DataConfig, seed: int, out: Path) -> dict:
     """Write train/validation/test prompts and cold-start traces as jsonl under ``out``; returns
     what was written (counts, and the training prompts decontamination removed)."""
-    seed = seed if cfg.seed is None else cfg.seed
+    seed = data_seed(cfg, seed)
     if cfg.source == "synthetic":
         train, validation, test = synthetic_addition(cfg, seed)
         removed = 0  # the partition keeps test problems out of train, in either operand order
@@ -97,8 +102,11 @@ def build_datasets(cfg: DataConfig, seed: int, out: Path) -> dict:
         random.Random(seed).shuffle(train)
         validation, train = train[: cfg.n_validation], train[cfg.n_validation :][: cfg.n_train]
     traces = [t for t in map(cold_start_trace, train) if t is not None][: cfg.cold_start_size]
-    if not traces:
-        raise ValueError(f"data: source {cfg.source!r} has no worked solutions for cold-start traces")
+    if not traces:  # the data stage validates them whichever stages run
+        where = (f"data.tasks ({', '.join(cfg.tasks)}): no item states its expression" if cfg.source == "reasoning_gym"
+                 else f"data.source {cfg.source!r}: no training record has a worked solution")
+        raise ValueError(f"{where}, so there are no cold-start traces; add a task or file that has them "
+                         "(reasoning-gym: chain_sum, basic_arithmetic, products)")
     files = {"train": train, "validation": validation, "test": test, "cold_start": traces}
     out.mkdir(parents=True, exist_ok=True)
     for name, records in files.items():

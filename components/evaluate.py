@@ -6,7 +6,8 @@ pass@1 is the mean correctness over k samples at temperature 0.6 / top-p 0.95; c
 majority vote of the k extracted answers; greedy accuracy uses one greedy decode. Format rate,
 language consistency and mean completion length (tokens) come from the same samples, and so does
 lenient pass@1: the last number anywhere in the completion graded instead of the ``<answer>``
-(strict pass@1 minus lenient is what the format costs; lenient alone is what the model computes).
+where the gold is a number (lenient minus strict is what the format costs; lenient alone is what
+the model computes), the ``<answer>`` itself where it is not.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from components.config import EvaluateConfig
 from components.generation import Sampling, generate
 from components.jsonl import load_jsonl, write_jsonl
 from components.modeling import load_tokenizer, render_prompt
-from components.rewards import extract_answer, format_reward, grade, language_reward, last_number
+from components.rewards import extract_answer, format_reward, grade, language_reward, lenient_answer
 from components.stage_io import StageSpec, main, seed_everything, write_result
 
 
@@ -35,7 +36,7 @@ def score(records: list[dict], sampled: list[list], greedy: list[list]) -> tuple
     for record, samples, (best,) in zip(records, sampled, greedy):
         texts = [s.text for s in samples]
         correct = [grade(extract_answer(t), record) for t in texts]
-        lenient.append(mean(grade(last_number(t), record) for t in texts))
+        lenient.append(mean(grade(lenient_answer(t, record["answer"]), record) for t in texts))
         formats = format_reward(texts)
         langs = language_reward(texts)
         for i, (s, ok, form, lang) in enumerate(zip(samples, correct, formats, langs)):

@@ -79,7 +79,7 @@ class HeldOutPass(TrainerCallback):
         model.train(was_training)
         texts = [s.text for (s,) in samples]
         correct = [grade(final_answer(text), record) for text, record in zip(texts, self.records)]
-        self.log.write(step, **{"heldout/pass@1": mean(c or 0.0 for c in correct),
+        self.log.write(step, **{"heldout/pass@1": mean(correct),
                                 "heldout/mean_length": mean(s.tokens for (s,) in samples)})
 
 

@@ -60,6 +60,8 @@ def task_splits(name: str, config: dict[str, Any], seed: int, sizes: list[int]) 
     """Splits of distinct problems of one task, in order (test first), from consecutive item seeds;
     and how many draws were dropped because an earlier split (a held-out one) holds the question."""
     wanted = sum(sizes)
+    if not wanted:  # fewer prompts than tasks: this one gets none (reasoning-gym refuses a size of 0)
+        return [[] for _ in sizes], 0
     dataset = _dataset(name, config, seed, wanted * DRAWS_PER_ITEM)
     split_of: dict[str, int] = {}
     splits: list[list[dict]] = [[] for _ in sizes]

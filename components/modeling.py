@@ -117,7 +117,8 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, question: str,
     template of chat turns (a worked example, say) puts the question into its last, a user turn."""
     turns = [{"role": "user", "content": template}] if isinstance(template, str) else template
     # str.replace, not format: an example's own braces (sets, LaTeX) stay as written
-    messages = [{**turn, "content": turn["content"].replace("{question}", question)} for turn in turns]
+    *examples, last = turns
+    messages = [*examples, {**last, "content": last["content"].replace("{question}", question)}]
     if tokenizer.chat_template:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant: "

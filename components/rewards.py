@@ -43,6 +43,12 @@ def last_number(completion: str) -> str | None:
     return found[-1] if found else None
 
 
+def lenient_answer(completion: str, gold: str) -> str | None:
+    """What lenient grading reads: the last number when the gold is a number, else the ``<answer>``
+    (a last number says nothing of an equation or a LaTeX fraction)."""
+    return last_number(completion) if NUMBER.fullmatch(gold.replace(",", "").strip()) else extract_answer(completion)
+
+
 def final_answer(completion: str) -> str | None:
     """The one answer a completion commits to, stripped; None when it hedges or hides it.
 

@@ -1,11 +1,13 @@
 """``r1flow eval MODEL --benchmark NAME``: a registered version or a Hugging Face folder on a
 public benchmark, with R1's protocol (pass@1 over k samples at T=0.6 / top-p 0.95, cons@k,
-greedy), graded by math-verify, every sample kept.
+greedy), graded as the pipeline grades (math-verify; countdown: the equation checker;
+reasoning-gym: each task's own verifier), every sample kept.
 
-The benchmark's test file enters through the project's own import path: ``sources/`` (public
-copies, see its README) → the importer → ``data/benchmarks/NAME.jsonl``, validated by the GX
-``eval`` suite and versioned with DVC. The model is scored by the pipeline's ``evaluate``
-component as a keyed stage (same model, file and settings: a cache hit) in its own MLflow run.
+A public benchmark's test file enters through the project's own import path: ``sources/`` (public
+copies, see its README) → the importer → ``data/benchmarks/NAME.jsonl``; reasoning-gym's is
+generated, the test split of the profile's ``data.tasks``. Either is validated by the GX ``eval``
+suite and versioned with DVC. The model is scored by the pipeline's ``evaluate`` component as a
+keyed stage (same model, file and settings: a cache hit) in its own MLflow run.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from prefect import flow
 from components import versioning
 from components.benchmarks import import_benchmark
 from components.config import Profile, content_hash, load_profile, plain_template
+from components.data import data_seed
 from components.gym import gym_splits
 from components.jsonl import write_jsonl
 from components.tracking import NotFound, Tracker, default_uri
@@ -33,32 +36,39 @@ BENCHMARKS = {
     "countdown": ("countdown", "sources/countdown/countdown_cd3_test.jsonl.gz"),
 }
 GYM = "reasoning_gym"  # generated, not imported: the test split of the profile's data.tasks
+NAMES = (*BENCHMARKS, GYM)
 
 
-def benchmark_records(profile: Profile, name: str) -> tuple[str, list[dict]]:
-    """(file name, records) of a benchmark's test set. reasoning-gym's is the pipeline's own test
-    split of the profile's tasks and data seed (the same problems), named by them."""
-    if name != GYM:
-        kind, source = BENCHMARKS[name]
-        return name, import_benchmark(kind, PROJECT / source)
+def benchmark_name(profile: Profile, benchmark: str) -> str:
+    """The benchmark's file name; reasoning-gym's is named by the profile's tasks, seed and size."""
+    if benchmark != GYM:
+        return benchmark
     if not profile.data.tasks:
         raise ValueError(f"--benchmark {GYM} generates the profile's data.tasks, and this profile has none; "
                          "pass --config with one (e.g. configs/smollm2-gym.yaml)")
-    seed = profile.seed if profile.data.seed is None else profile.data.seed
-    test = gym_splits(profile.data.tasks, seed, 0, 0, profile.data.n_test)[2]
-    return f"{GYM}-{content_hash(profile.data.tasks, seed, profile.data.n_test)[:12]}", test
+    return f"{GYM}-{content_hash(profile.data.tasks, data_seed(profile.data, profile.seed), profile.data.n_test)[:12]}"
 
 
-def benchmark_file(root: Path, profile: Profile, name: str) -> Path:
+def benchmark_records(profile: Profile, benchmark: str) -> list[dict]:
+    """A benchmark's test set. reasoning-gym's is the pipeline's own test split of the profile's
+    tasks and data seed: the same problems, drawn within the same budget."""
+    if benchmark != GYM:
+        kind, source = BENCHMARKS[benchmark]
+        return import_benchmark(kind, PROJECT / source)
+    data = profile.data
+    return gym_splits(data.tasks, data_seed(data, profile.seed), data.n_train, data.n_validation, data.n_test)[2]
+
+
+def benchmark_file(root: Path, profile: Profile, benchmark: str) -> Path:
     """``data/benchmarks/NAME.jsonl``, imported, validated and versioned with DVC on first use."""
-    name, records = benchmark_records(profile, name)
+    name = benchmark_name(profile, benchmark)
     path = root / profile.data_dir / "benchmarks" / f"{name}.jsonl"
     if path.exists():
         return path
     from components.validate import validate_file  # Great Expectations: seconds to import
 
     staged = path.parent / f".{name}.jsonl"
-    write_jsonl(staged, records)
+    write_jsonl(staged, benchmark_records(profile, benchmark))
     try:
         validate_file(staged, "eval", name=f"benchmark/{name}")
     except BaseException:
@@ -102,8 +112,8 @@ def evaluate_benchmark(model: str, benchmark: str, config: str | None = None, ov
     workspace.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(profile.tracking.tracking_uri or default_uri(workspace), profile.tracking.experiment,
                       workspace / "mlartifacts")
-    if benchmark not in (*BENCHMARKS, GYM):
-        raise ValueError(f"unknown benchmark {benchmark!r}; choose from {', '.join((*BENCHMARKS, GYM))}")
+    if benchmark not in NAMES:
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose from {', '.join(NAMES)}")
     folder, model_key = model_folder(model, tracker, workspace)
     data = benchmark_file(root_path, profile, benchmark)
     settings = profile.evaluate.model_copy(update={"limit": limit})

@@ -1,7 +1,7 @@
 """The ``r1flow`` command: run the pipeline, open the UIs.
 
     r1flow run [--config FILE] [--set key=value ...] [--from STAGE | --only STAGE]
-    r1flow eval MODEL --benchmark gsm8k|math500|countdown [--limit N]
+    r1flow eval MODEL --benchmark gsm8k|math500|countdown|reasoning_gym [--limit N]
     r1flow ui
 """
 
@@ -161,10 +161,10 @@ def evaluate(model: str = typer.Argument(..., help="a registered NAME/VERSION or
     """Evaluate a model on a public benchmark with R1's protocol (the profile's `evaluate` settings)."""
     _, profile = _profile(config, overrides)
     configure(profile.workspace)
-    from flows.benchmark import BENCHMARKS, GYM, evaluate_benchmark
+    from flows.benchmark import NAMES, evaluate_benchmark
 
-    if benchmark not in (*BENCHMARKS, GYM):
-        _fail(f"unknown benchmark {benchmark!r}; choose from {', '.join((*BENCHMARKS, GYM))}", 2)
+    if benchmark not in NAMES:
+        _fail(f"unknown benchmark {benchmark!r}; choose from {', '.join(NAMES)}", 2)
     with _reported("eval"):
         result = evaluate_benchmark(model=model, benchmark=benchmark, config=str(config) if config else None,
                                     overrides=overrides or [], limit=limit)

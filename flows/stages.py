@@ -136,6 +136,8 @@ def code_version(module: str) -> str:
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("components."):
                 pending.append(node.module.split(".", 1)[1])
+            elif isinstance(node, ast.ImportFrom) and node.module == "components":  # from components import gym
+                pending += [alias.name for alias in node.names]
     return digest.hexdigest()[:16]
 
 

@@ -38,6 +38,7 @@ def test_overrides_apply_typed_values():
     (["grpo.rewards={speed: 1}"], "unknown reward(s) ['speed']"),
     (["grpo.trl_args={not_a_trl_arg: 1}"], "grpo.trl_args.not_a_trl_arg: not an argument of trl.GRPOConfig"),
     (["grpo.num_generations=3"], "per_device_train_batch_size must be a multiple of num_generations"),
+    (["final_rl.lora_alpha=32"], "final_rl: lora_alpha scales a LoRA adapter, and lora_r is 0"),
     (["data.source=gsm8k"], "needs train_path and test_path"),
     (["data.source=gsm8k", "data.train_path=/nowhere.jsonl", "data.test_path=/nowhere.jsonl"],
      "data: train_path: file not found: /nowhere.jsonl"),

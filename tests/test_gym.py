@@ -39,9 +39,11 @@ def test_splits_hold_out_whole_problems_and_the_test_set_is_stable():
     both = {**SUMS, "basic_arithmetic": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}
     mixed = gym_splits(both, seed=5, n_train=10, n_validation=0, n_test=5)[2]
     assert sorted(r["gym_task"] for r in mixed) == ["basic_arithmetic"] * 2 + ["chain_sum"] * 3
+    # fewer prompts than tasks: a task may get none in a split
+    assert [r["gym_task"] for r in gym_splits(both, seed=5, n_train=1, n_validation=0, n_test=1)[2]] == ["chain_sum"]
 
 
-def test_a_problem_space_too_small_to_hold_out_is_named():
+def test_a_problem_space_too_small_to_hold_out_is_named(tmp_path):
     tiny = {"chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}  # ~200 problems
     with pytest.raises(ValueError, match=r"data.tasks.chain_sum: only \d+ distinct problems .* widen the task's config"):
         gym_splits(tiny, seed=0, n_train=400, n_validation=0, n_test=200)
@@ -49,6 +51,10 @@ def test_a_problem_space_too_small_to_hold_out_is_named():
         gym_splits({"chain_sum": {"min_terms": 3, "max_terms": 2}}, seed=0, n_train=1, n_validation=0, n_test=1)
     with pytest.raises(ValueError, match="needs tasks"):
         DataConfig(source="reasoning_gym")
+    no_traces = DataConfig(source="reasoning_gym", tasks={"gcd": {}}, n_train=8, n_validation=0, n_test=4)
+    with pytest.raises(ValueError, match=r"data.tasks \(gcd\): no item states its expression.*add a task"):
+        build_datasets(no_traces, 0, tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing half-written
 
 
 def test_each_item_is_graded_by_its_own_tasks_verifier(tmp_path):
@@ -79,6 +85,9 @@ def test_lenient_pass_at_1_grades_the_last_number_beside_strict():
     assert metrics["pass@1"] == 0.5  # the tagged answers: 4, and 4 (the last tag, lenient extraction)
     assert metrics["lenient_pass@1"] == 0.5  # the last numbers: 4, 4, 5, 3
     assert last_number("x = -1,200.") == "-1200"
+    fraction = [{"id": "f", "task": "math", "question": "1/2?", "answer": "\\frac{1}{2}"}]
+    metrics, _ = evaluate.score(fraction, [[c("<answer>\\frac{1}{2}</answer>")]], [[c("")]])
+    assert metrics["lenient_pass@1"] == metrics["pass@1"] == 1.0  # not "2", the last number
 
 
 def test_a_worked_example_turn_in_the_prompt_template(tmp_path):
@@ -141,16 +150,16 @@ def test_grpo_with_lora_in_bf16_saves_a_merged_plain_model(tiny_base, micro_data
 
 
 def test_eval_benchmark_reasoning_gym_is_the_pipelines_own_test_split(tmp_path):
-    from flows.benchmark import benchmark_records
+    from flows.benchmark import benchmark_name, benchmark_records
 
     profile = load_profile(PROJECT / "configs" / "smollm2-gym.yaml", ["data.n_test=12"])
-    name, records = benchmark_records(profile, "reasoning_gym")
+    records = benchmark_records(profile, "reasoning_gym")
     build_datasets(profile.data, profile.seed, tmp_path)
     assert records == load_jsonl(tmp_path / "test.jsonl")
     other = load_profile(PROJECT / "configs" / "smollm2-gym.yaml", ["data.n_test=12", "data.seed=7"])
-    assert benchmark_records(other, "reasoning_gym")[0] != name  # a file per task set and seed
+    assert benchmark_name(other, "reasoning_gym") != benchmark_name(profile, "reasoning_gym")  # a file per seed
     with pytest.raises(ValueError, match="this profile has none; pass --config with one"):
-        benchmark_records(load_profile(PROJECT / "configs" / "micro.yaml"), "reasoning_gym")
+        benchmark_name(load_profile(PROJECT / "configs" / "micro.yaml"), "reasoning_gym")
 
 
 def test_registered_versions_carry_the_provenance_of_their_pretrained_base():

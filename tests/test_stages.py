@@ -59,6 +59,10 @@ def test_code_version_follows_imports(components_copy):
     code_version.cache_clear()
     assert code_version("evaluate") != before["evaluate"]  # evaluate imports generation
     assert code_version("sft") == sft  # sft does not
+    grpo = code_version("grpo")
+    _edit(components_copy / "gym.py", "from __future__", "# edited\nfrom __future__")
+    code_version.cache_clear()
+    assert code_version("grpo") != grpo  # rewards.py: "from components import gym"
 
 
 def test_a_help_string_of_the_config_schema_changes_no_stage_key(components_copy):
