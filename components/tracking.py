@@ -158,10 +158,11 @@ class Tracker:
         return {r.info.run_name: _record(r) for r in runs}
 
     def pipeline_runs(self, limit: int = 10) -> list[RunRecord]:
-        """The newest finished pipeline (parent) runs, newest first."""
+        """The newest finished pipeline (parent) runs, newest first: not a stage's child run, nor
+        an ``r1flow eval`` run (tagged ``benchmark``)."""
         runs = self.client.search_runs([self.experiment_id], "attributes.status = 'FINISHED'",
                                        order_by=["attributes.start_time DESC"], max_results=1000)
-        return [_record(r) for r in runs if "mlflow.parentRunId" not in r.data.tags][:limit]
+        return [_record(r) for r in runs if not {"mlflow.parentRunId", "benchmark"} & set(r.data.tags)][:limit]
 
     def benchmark_runs(self, benchmark: str) -> list[RunRecord]:
         """The finished ``r1flow eval`` runs on a benchmark, newest first."""

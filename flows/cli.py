@@ -117,6 +117,11 @@ SHORT = {"lenient_pass@1": "lenient", "greedy_accuracy": "greedy", "format_rate"
          "language_consistency": "lang", "mean_length": "tokens"}  # headers that fit an 80-column terminal (a test renders it)
 
 
+def _figure(value) -> str:
+    """A metric for a table: a rate of 0 (the mean of all-False) prints as 0.000 like any other."""
+    return f"{value:.3f}" if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
+
+
 def print_summary(summary: dict, seconds: float) -> None:
     stages = Table(title="stages", caption="cached: reused from .r1flow/stages/<stage>/<key>; ran: executed now")
     for column in ("stage", "status", "seconds"):
@@ -142,8 +147,7 @@ def print_summary(summary: dict, seconds: float) -> None:
     for role, values in summary["metrics"].items():
         version = summary["versions"].get(role)
         registered = f"v{version['version']}" + (" ★" if version["champion"] else "") if version else ""
-        table.add_row(role, *(f"{values[k]:.3f}" if isinstance(values[k], float) else str(values[k]) for k in keys),
-                      registered)
+        table.add_row(role, *(_figure(values[k]) for k in keys), registered)
     console.print(table)
     if rs := summary.get("rejection_sampling"):
         console.print(f"rejection sampling kept {rs['accepted']}/{rs['samples']} samples "
@@ -172,7 +176,7 @@ def evaluate(model: str = typer.Argument(..., help="a registered NAME/VERSION or
                   f"{', cached' if result['cached'] else ''})")
     for key in result["metrics"]:
         table.add_column(SHORT.get(key, key), justify="right")
-    table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in result["metrics"].values()))
+    table.add_row(*(str(v) if k == "prompts" else _figure(v) for k, v in result["metrics"].items()))
     console.print(table)
     console.print(f"per-sample records: {result['samples']}")
     console.print(f"MLflow: {result['tracking_uri']} (run {result['run_id']})")

@@ -472,9 +472,12 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def progress_line(name: str, rows: list[dict], total: int | None, seconds: float) -> str:
-    """``r1_zero: step 15/40, 1m32s, reward 0.548``: where a stage is, and its latest reward or loss."""
+    """``r1_zero: step 15/40, 1m32s, reward 0.548``: where a stage is, and its latest reward or loss;
+    ``eval_base: running, 3m05s`` for a stage that counts no steps."""
+    minutes, secs = divmod(int(seconds), 60)
+    if not rows and total is None:
+        return f"{name}: running, {minutes}m{secs:02d}s"
     step = rows[-1].get("step", 0) if rows else 0
     latest = next(((key, row[key]) for row in reversed(rows) for key in ("reward", "loss") if key in row), None)
-    minutes, secs = divmod(int(seconds), 60)
     return (f"{name}: step {step}/{total or '?'}, {minutes}m{secs:02d}s"
             + (f", {latest[0]} {latest[1]:.4g}" if latest else ""))

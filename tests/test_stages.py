@@ -156,3 +156,4 @@ def test_a_stage_outside_a_terminal_prints_progress_lines(tmp_path, monkeypatch,
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("base: step ")]
     assert lines and all(re.fullmatch(r"base: step \d+/400, \dm\d\ds(, loss [\d.e+-]+)?", line) for line in lines)
     assert any(", loss " in line for line in lines)
+    assert stages.progress_line("eval_base", [], None, 185) == "eval_base: running, 3m05s"  # no steps to count

@@ -22,6 +22,9 @@ def test_child_runs_metrics_and_params(tracker, tmp_path):
     assert run.data.params["grpo.rewards.accuracy"] == "1.0"
     assert [m.value for m in tracker.client.get_metric_history(child, "reward")] == [0.1, 0.4]
     assert run.info.status == "FINISHED"
+    tracker.finish(parent)
+    tracker.finish(tracker.start_run("eval gsm8k: m", tags={"benchmark": "gsm8k"}))  # newer, not a pipeline run
+    assert [r.run_id for r in tracker.pipeline_runs()] == [parent]
 
 
 def test_register_sets_candidate_and_keeps_the_folder_loadable(tracker, random_model):
