@@ -61,7 +61,7 @@ def test_the_results_table_keeps_readable_headers_at_80_columns(monkeypatch):
 
     from flows import cli
 
-    metrics = {"pass@1": 0.021, "lenient_pass@1": 0.3, "cons@4": 0.0, "greedy_accuracy": 0.5, "format_rate": 0.125,
+    metrics = {"pass@1": 0, "lenient_pass@1": 0.3, "cons@4": 0.0, "greedy_accuracy": 0.5, "format_rate": 0.125,
                "language_consistency": 1.0, "mean_length": 30.812, "prompts": 200}
     roles = ("base", "cold_start", "r1_zero", "r1_rl", "r1_sft", "r1_final", "student_base", "student",
              "student_no_traces")
@@ -76,3 +76,4 @@ def test_the_results_table_keeps_readable_headers_at_80_columns(monkeypatch):
     header = next(line for line in text.splitlines() if line.lstrip().startswith("model"))
     assert header.split() == ["model", "pass@1", "lenient", "cons@4", "greedy", "format", "lang", "tokens", "ver"]
     assert "student_no_traces" in text and "v12 ★" in text
+    assert next(line for line in text.splitlines() if line.startswith("base")).split()[1] == "0.000"  # an int 0
