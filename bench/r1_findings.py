@@ -32,7 +32,8 @@ import matplotlib.pyplot as plt
 from seed_band import plot_seed_band  # bench/, beside this script
 
 from components.config import load_profile
-from components.tracking import Tracker, default_uri
+from components.tracking import Tracker
+from flows.workspace import locate
 
 PROJECT = Path(__file__).resolve().parents[1]
 MODELS = {"base": "base", "r1_zero": "R1-Zero (GRPO from base)", "cold_start": "R1 cold start (SFT)",
@@ -59,9 +60,10 @@ def run_seed(seed: int, config: Path, folder: Path) -> float:
     return time.time() - started
 
 
-def read_seed(folder: Path) -> dict:
+def read_seed(folder: Path, profile) -> dict:
     """Eval metrics, stage wall times and held-out curves of the folder's latest pipeline run."""
-    tracker = Tracker(default_uri(folder / ".r1flow"), "r1flow")
+    place = locate(profile, folder)  # `r1flow run` ran in the seed's folder
+    tracker = Tracker(place.tracking_uri, place.experiment)
     parent = tracker.pipeline_runs(limit=1)[0]
     children = tracker.child_runs(parent.run_id)  # in the order they started: recipe order
     curves = {(stage, key): tracker.metric_history(children[stage].run_id, key)
@@ -149,16 +151,17 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="read the seeds' last runs instead of running them")
     args = parser.parse_args()
     config = args.config.resolve()
-    seeds = {}
+    profile, seeds = load_profile(config), {}
     for seed in args.seeds:
         folder = PROJECT / ".r1flow" / "bench" / f"seed-{seed}"
         wall = float((folder / "wall_seconds").read_text()) if args.reuse else run_seed(seed, config, folder)
         (folder / "wall_seconds").write_text(f"{wall:.1f}")
-        seeds[seed] = {**read_seed(folder), "wall": wall}
+        seeds[seed] = {**read_seed(folder, profile), "wall": wall}
         print(f"seed {seed}: {wall / 60:.1f} min", flush=True)
-    markdown = report(seeds, load_profile(config).evaluate.k, args.out)
+    markdown = report(seeds, profile.evaluate.k, args.out)
     print(markdown)
-    tracker = Tracker(default_uri(PROJECT / ".r1flow"), "r1flow-bench", PROJECT / ".r1flow" / "mlartifacts")
+    place = locate(profile, PROJECT)
+    tracker = Tracker(place.tracking_uri, "r1flow-bench", place.artifacts)
     run_id = tracker.start_run(f"r1 findings, seeds {' '.join(map(str, seeds))}",
                                tags={f"seed_{s}_run": v["run_id"] for s, v in seeds.items()})
     for file in ("r1_findings.md", *(f for f, _ in CURVES.values())):

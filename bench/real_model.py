@@ -33,7 +33,8 @@ import matplotlib.pyplot as plt
 from seed_band import plot_seed_band  # bench/, beside this script
 
 from components.config import load_profile
-from components.tracking import Tracker, default_uri
+from components.tracking import Tracker
+from flows.workspace import locate
 
 PROJECT = Path(__file__).resolve().parents[1]
 R1FLOW = str(Path(sys.executable).parent / "r1flow")
@@ -77,9 +78,10 @@ def model_folder(folder: Path, stage: str) -> Path:
     return found
 
 
-def read_seed(folder: Path, experiment: str) -> dict:
+def read_seed(folder: Path, profile) -> dict:
     """Eval metrics, GRPO curves and GSM8K scores of the folder's latest pipeline run."""
-    tracker = Tracker(default_uri(folder / ".r1flow"), experiment)
+    place = locate(profile, folder)  # `r1flow run` ran in the seed's folder
+    tracker = Tracker(place.tracking_uri, place.experiment)
     parent = tracker.pipeline_runs(limit=1)[0]
     grpo = tracker.child_runs(parent.run_id)["r1_zero"]
     evals = tracker.benchmark_runs("gsm8k")[::-1]  # oldest first: the newest run of a model wins
@@ -155,7 +157,7 @@ def main() -> None:
         if not (folder / "wall_seconds").exists():
             sys.exit(f"seed {seed}: no finished run in {folder}; run it without --reuse first")
         wall = float((folder / "wall_seconds").read_text())
-        seeds[seed] = {**read_seed(folder, profile.tracking.experiment), "wall": wall}
+        seeds[seed] = {**read_seed(folder, profile), "wall": wall}
         print(f"seed {seed}: {wall / 60:.1f} min", flush=True)
     tasks = ", ".join(f"{task} {json.dumps(cfg)}" for task, cfg in profile.data.tasks.items())
     title = (f"`{config.relative_to(PROJECT)}`{' with ' + ', '.join(args.overrides) if args.overrides else ''}: "

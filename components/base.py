@@ -9,7 +9,6 @@ re-saved as safetensors, since transformers refuses to ``save_pretrained`` a GGU
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -25,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2
 
 from components.addition import WORK_HINT, addition_question, addition_work, held_out, r1_completion
 from components.config import ModelConfig
+from components.digest import file_sha256
 from components.modeling import (
     build_tiny_tokenizer,
     load_model,
@@ -294,11 +294,7 @@ def check_gguf(path: Path) -> dict[str, str]:
 def gguf_provenance(cfg: ModelConfig, path: Path) -> dict:
     """Where a GGUF file came from, checked: its sha256 against the profile's pin, its header's
     name, and for a file a package ships, that package's name, version and declared licence."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    sha256 = digest.hexdigest()
+    sha256 = file_sha256(path)
     if cfg.sha256 is not None and sha256 != cfg.sha256:
         raise ValueError(f"{path}: sha256 {sha256} differs from base.sha256 {cfg.sha256} in the profile; the file "
                          "is not the one pinned: reinstall it, or pin the new file's hash once you trust it")

@@ -74,7 +74,7 @@ class DataConfig(Section):
 
     def _check_files(self) -> None:
         """A file source: both files there in a format the importer reads, and (source file) a mapping that fits its task."""
-        from components.benchmarks import check_mapping, file_format  # the importer's own rules
+        from components.importer import check_mapping, file_format  # the importer's own rules
 
         for key in ("train_path", "test_path"):
             path = getattr(self, key)

@@ -6,7 +6,7 @@
 The default task is synthetic addition: a tiny model rarely adds two-digit numbers in one step,
 but often does by working column by column inside ``<think>``, which is what RL should reinforce.
 Benchmarks (GSM8K, MATH, Countdown) and any file ``datasets`` reads are imported instead
-(``components.benchmarks``), or reasoning-gym generates the tasks (``components.gym``), each
+(``components.importer``), or reasoning-gym generates the tasks (``components.gym``), each
 graded by its own verifier.
 """
 
@@ -22,9 +22,9 @@ from components.addition import (
     held_out,
     r1_completion,
 )
-from components.benchmarks import PRESETS, decontaminate, import_file
 from components.config import DataConfig
 from components.gym import gym_splits
+from components.importer import PRESETS, decontaminate, import_file
 from components.jsonl import write_jsonl
 from components.stage_io import StageSpec, main, write_result
 

@@ -116,6 +116,24 @@ class MetricsLog:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """A stage's ``metrics.jsonl``, one row per logged step, up to a line still being written
+    (the stage may be running)."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """A recipe input: ``"stage"`` is that stage's model folder, ``"stage/file"`` its ``file.jsonl``."""
+    stage, _, file = ref.partition("/")
+    return stage, file or None
+
+
 def latest_checkpoint(folder: Path | None) -> Path | None:
     """The newest checkpoint in ``folder``. Checkpoints are renamed in only when complete
     (``keep_checkpoint``), so whatever is there is whole: a crash mid-save leaves nothing to load."""

@@ -15,12 +15,13 @@ never from a profile, so no URL or spec here ever holds one.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from components.digest import file_sha256
 
 MANIFEST = "manifest.json"
 
@@ -29,18 +30,10 @@ class CorruptObject(ValueError):
     """A downloaded file differs from what its manifest says; the message names it."""
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def manifest_of(folder: Path) -> dict:
     """Every file under ``folder`` (the manifest aside), with its size and sha256."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    return {"files": {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256(p)}
+    return {"files": {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
                       for p in files}}
 
 
@@ -58,7 +51,7 @@ def damage(folder: Path) -> str | None:
         return None
     for name, expected in json.loads((folder / MANIFEST).read_text())["files"].items():
         path = folder / name
-        if not path.is_file() or path.stat().st_size != expected["size"] or sha256(path) != expected["sha256"]:
+        if not path.is_file() or path.stat().st_size != expected["size"] or file_sha256(path) != expected["sha256"]:
             return f"{path}: differs from its manifest (missing, size or sha256)"
     return None
 
@@ -127,7 +120,7 @@ class Store:
                 fs.get([self.path(f"{relative}/{n}") for n in names], [str(destination / n) for n in names])
             for name, expected in manifest["files"].items():
                 target = destination / name
-                if target.stat().st_size != expected["size"] or sha256(target) != expected["sha256"]:
+                if target.stat().st_size != expected["size"] or file_sha256(target) != expected["sha256"]:
                     raise CorruptObject(f"{self.path(f'{relative}/{name}')}: differs from its manifest "
                                         "(size or sha256); delete the folder's manifest.json to have it rebuilt")
         except BaseException:

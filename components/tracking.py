@@ -9,7 +9,6 @@ other module imports ``mlflow`` (``tests/test_boundaries.py`` checks it).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -27,6 +26,8 @@ from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from components.stage_io import read_metrics
 
 PRIMARY_METRIC = "pass_at_1"
 
@@ -86,10 +87,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 def redact(uri: str) -> str:
     """A URI without the password it may carry."""
     return re.sub(r"(//[^/:@]+):[^/@]*@", r"\1:***@", uri)
-
-
-def default_uri(workspace: Path) -> str:
-    return f"sqlite:///{(workspace / 'mlflow.db').resolve()}"
 
 
 def metric_name(key: str) -> str:
@@ -196,9 +193,7 @@ class Tracker:
 
     def log_metrics_file(self, run_id: str, path: Path) -> int:
         """Replay a stage's ``metrics.jsonl`` as step metrics (training curves); returns rows."""
-        if not path.exists():
-            return 0
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_metrics(path)
         now = _now_ms()  # replayed after the stage: the UI's time axis shows when it was logged
         items = [Metric(metric_name(k), float(v), now, int(row["step"]))
                  for row in rows for k, v in row.items() if k != "step" and isinstance(v, (int, float))]

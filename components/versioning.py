@@ -22,6 +22,8 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 from dvc.exceptions import DvcException
 from dvc.repo import Repo
 
+from components.stage_io import split_ref
+
 # Where each dataset of a run lives in the DVC-versioned data folder: path -> "stage/file".
 DATASETS = {"prompts/train.jsonl": "data/train", "prompts/validation.jsonl": "data/validation",
             "prompts/test.jsonl": "data/test", "traces/cold_start.jsonl": "data/cold_start",
@@ -47,7 +49,7 @@ def restore_data_stage(data_dir: Path, out: Path) -> dict:
     out.mkdir(parents=True)
     result = {"source": "dvc", "restored_from": str(data_dir)}
     for relative, ref in DATASETS.items():
-        stage, name = ref.split("/")
+        stage, name = split_ref(ref)
         if stage == "data":
             shutil.copyfile(data_dir / relative, out / f"{name}.jsonl")
             result[name] = len((out / f"{name}.jsonl").read_text().splitlines())

@@ -23,6 +23,7 @@ from rich.table import Table
 
 from components.config import ConfigError, Profile, load_profile
 from flows.environment import configure
+from flows.workspace import Place, locate
 
 app = typer.Typer(help="r1flow: the DeepSeek-R1 recipe as an operable pipeline.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -36,14 +37,19 @@ SummaryOption = typer.Option(None, help="also write the summary (run ids, metric
 ServersFolderOption = typer.Option(Path(".r1flow/servers"), help="the servers' data and logs")
 
 
-def _profile(config: Path | None, overrides: list[str] | None) -> tuple[Path | None, Profile]:
+def _profile(config: Path | None, overrides: list[str] | None) -> tuple[Path | None, Profile, Place]:
+    """The profile and where its state is (``flows.workspace``), with the process configured for
+    that workspace before Prefect, MLflow or DVC is imported."""
     if config is None and Path("configs/default.yaml").exists():
         config = Path("configs/default.yaml")
     try:
-        return config, load_profile(config, overrides)
+        profile = load_profile(config, overrides)
     except ConfigError as error:
         console.print(f"[red]config error:[/red] {error}", soft_wrap=True)
         raise typer.Exit(2) from None
+    place = locate(profile)
+    configure(place.workspace)
+    return config, profile, place
 
 
 @app.command()
@@ -59,8 +65,7 @@ def run(config: Path | None = ConfigOption, overrides: list[str] | None = SetOpt
     for name in filter(None, (from_stage, only)):
         if name not in STAGES:
             _fail(f"unknown stage {name!r}; stages: {', '.join(STAGES)}", 2)
-    config, profile = _profile(config, overrides)
-    configure(profile.workspace)
+    config, profile, _ = _profile(config, overrides)
     if profile.tracking.tracking_uri:  # a server that does not answer: say so before anything starts
         from components.tracking import check_reachable
 
@@ -163,14 +168,13 @@ def evaluate(model: str = typer.Argument(..., help="a registered NAME/VERSION or
              limit: int | None = typer.Option(None, "--limit", help="the first N problems only", min=1),
              config: Path | None = ConfigOption, overrides: list[str] | None = SetOption) -> None:
     """Evaluate a model on a public benchmark with R1's protocol (the profile's `evaluate` settings)."""
-    _, profile = _profile(config, overrides)
-    configure(profile.workspace)
-    from flows.benchmark import NAMES, evaluate_benchmark
+    _profile(config, overrides)
+    from flows.model_eval import NAMES, evaluate_model
 
     if benchmark not in NAMES:
         _fail(f"unknown benchmark {benchmark!r}; choose from {', '.join(NAMES)}", 2)
     with _reported("eval"):
-        result = evaluate_benchmark(model=model, benchmark=benchmark, config=str(config) if config else None,
+        result = evaluate_model(model=model, benchmark=benchmark, config=str(config) if config else None,
                                     overrides=overrides or [], limit=limit)
     table = Table(title=f"{model} on {benchmark} ({result['seconds'] / 60:.1f} min"
                   f"{', cached' if result['cached'] else ''})")
@@ -188,15 +192,12 @@ def rerun(run_id: str, config: Path | None = ConfigOption,
                                           "0 on CPU (same seeds, same kernels), e.g. 0.03 across GPUs"),
           tracking_uri: str | None = typer.Option(None, help="MLflow store holding the run (default: the profile's)")) -> None:
     """Reproduce a past pipeline run: its config, its DVC data version, then compare every eval metric."""
-    _, profile = _profile(config, None)
-    configure(profile.workspace)
-    from components.tracking import default_uri
+    _, _, place = _profile(config, None)
     from flows.reproduce import rerun as reproduce
 
-    uri = tracking_uri or profile.tracking.tracking_uri or default_uri(profile.workspace)
     started = time.time()
     with _reported("rerun"):
-        summary, comparisons, warnings = reproduce(run_id, Path.cwd(), uri)
+        summary, comparisons, warnings = reproduce(run_id, place, tracking_uri)
     print_summary(summary, time.time() - started)
     for warning in warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
@@ -215,15 +216,14 @@ def rerun(run_id: str, config: Path | None = ConfigOption,
 def promote(version: str = typer.Argument(..., help="a registered version, NAME/VERSION, e.g. r1flow-r1-final/3"),
             config: Path | None = ConfigOption, yes: bool = typer.Option(False, "--yes", help="do not ask")) -> None:
     """Show the promotion checks for a version against the champion, and move `champion` if you say so."""
-    _, profile = _profile(config, None)
-    configure(profile.workspace)
+    _, profile, place = _profile(config, None)
     from components.promotion import crown, passed, review, verdict
-    from components.tracking import Tracker, default_uri
+    from components.tracking import Tracker
 
     name, _, number = version.partition("/")
     if not number.isdigit():
         _fail(f"version {version!r}: expected NAME/VERSION, e.g. r1flow-r1-final/3", 2)
-    tracker = Tracker(profile.tracking.tracking_uri or default_uri(profile.workspace), profile.tracking.experiment)
+    tracker = Tracker(place.tracking_uri, place.experiment)
     with _reported("promote"):
         candidate = tracker.version(name, number)
     champion = tracker.champion(name)
@@ -329,15 +329,13 @@ def servers(host: str = typer.Option("127.0.0.1", help="bind address (loopback u
 def ui(config: Path | None = ConfigOption, mlflow_port: int = 5000, prefect_port: int = 4200,
        host: str = typer.Option("127.0.0.1", help="bind address (loopback unless you mean it)")) -> None:
     """Start the MLflow and Prefect UIs over this workspace's stores; Ctrl-C (or SIGTERM) stops both."""
-    _, profile = _profile(config, None)
-    configure(profile.workspace)
-    from components.tracking import default_uri
+    _, _, place = _profile(config, None)
 
     # Even when started with SIGINT ignored (`nohup`, `&` in a script), Ctrl-C and SIGTERM stop it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
-    uri = profile.tracking.tracking_uri or default_uri(profile.workspace)
+    uri = place.tracking_uri
     bin_dir = Path(sys.executable).parent
     servers = [
         subprocess.Popen([str(bin_dir / "mlflow"), "ui", "--backend-store-uri", uri, "--host", host,

@@ -5,7 +5,6 @@ A worker then needs no checkout of its own, at any path: only the project's envi
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import tempfile
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from components.digest import tree_sha256
 from components.store import Store
 
 SKIPPED = (".git", ".venv", ".r1flow", "data", "__pycache__", ".pytest_cache", ".ruff_cache")
@@ -33,10 +33,7 @@ def code_files(root: Path) -> list[str]:
 def upload_code(root: Path, store: str) -> str:
     """Upload the checkout's files to ``<store>/code/<hash>`` (once per content); returns the URL."""
     files = code_files(root)
-    digest = hashlib.sha256()
-    for name in files:
-        digest.update(name.encode() + b"\0" + hashlib.sha256((root / name).read_bytes()).digest())
-    relative, remote = f"code/{digest.hexdigest()[:16]}", Store.at(store)
+    relative, remote = f"code/{tree_sha256(root, files)[:16]}", Store.at(store)
     if remote.manifest(relative) is None:
         with tempfile.TemporaryDirectory() as scratch:
             for name in files:

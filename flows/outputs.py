@@ -14,9 +14,10 @@ from pathlib import Path
 from prefect.artifacts import create_markdown_artifact
 
 from components.reports import eval_table, plot_curves
+from components.stage_io import read_metrics
 from components.tracking import Tracker, metric_name
+from flows.keys import StageOutput, code_version
 from flows.recipe import EVALUATED, RECIPE, Step
-from flows.stages import StageOutput, code_version, read_metrics
 
 FILES = ("result.json", "metrics.json", "samples.jsonl", "stage.log")
 
@@ -56,7 +57,7 @@ def report(ctx, outputs: dict[str, StageOutput], versions: dict[str, dict]) -> d
     """The eval table across the lineage and the GRPO training curves: a Prefect markdown
     artifact, and files on the MLflow parent run (``report/``). Returns the table."""
     table = {role: outputs[f"eval_{role}"].result["metrics"] for role in EVALUATED if f"eval_{role}" in outputs}
-    folder = ctx.workspace / "reports" / ctx.parent_run
+    folder = ctx.place.workspace / "reports" / ctx.parent_run
     markdown = eval_table(table, versions, ctx.profile.evaluate.k)
     curves = {s.name: read_metrics(outputs[s.name].folder / "metrics.jsonl") for s in RECIPE
               if s.module == "grpo" and s.name in outputs}  # R1-Zero, R1's RL and its final RL

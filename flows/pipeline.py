@@ -12,12 +12,12 @@ deployments) and ``remote_stage`` (a GPU stage sent to a worker, ``flows.remote`
 
 from __future__ import annotations
 
-import os
+import json
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from prefect import flow, task
@@ -27,32 +27,17 @@ from prefect.states import Completed, State
 
 from components import versioning
 from components.config import Profile, content_hash, load_profile
-from components.tracking import Tracker, check_reachable, default_uri
+from components.stage_io import split_ref
+from components.tracking import Tracker, check_reachable
+from flows import cache
+from flows.keys import Artifact, StageOutput, inputs_of, stage_key
+from flows.machines import machines
 from flows.outputs import record, report, validate
-from flows.recipe import (
-    RECIPE,
-    Step,
-    check_stage,
-    downstream,
-    recipe_step,
-    upstream,
-)
+from flows.recipe import RECIPE, Step, check_stage, downstream, recipe_step, section, upstream
 from flows.registry import register
 from flows.remote import remote_stage, sent_to_gpu
-from flows.stages import (
-    Artifact,
-    StageOutput,
-    cached_output,
-    inputs_of,
-    install,
-    machines,
-    read_result,
-    run_stage,
-    scratch_folder,
-    section,
-    stage_folder,
-    stage_key,
-)
+from flows.stages import cached_inputs, run_stage
+from flows.workspace import Place, locate
 
 TRAINING_STEPS = {"base": "pretrain_steps", "sft": "max_steps", "grpo": "max_steps"}
 PROJECT = Path(__file__).resolve().parents[1]
@@ -63,8 +48,7 @@ class Context:
     """What every task of one run needs: the profile, folders, the MLflow parent run."""
 
     profile: Profile
-    root: Path
-    workspace: Path
+    place: Place
     tracker: Tracker
     parent_run: str | None
     source: dict  # the flow's own parameters (config, overrides, root), for stages sent elsewhere
@@ -83,15 +67,14 @@ def stage(ctx: Context, step: Step, inputs: dict[str, Artifact], force: bool = F
         ctx.tracker.log_params(run, {step.name: config.model_dump(mode="json"),
                                      "inputs": {k: v.path for k, v in inputs.items()}})
         steps = getattr(config, TRAINING_STEPS.get(step.module, ""), None)
-        folder, key, cached = run_stage(step.name, step.module, config, inputs, ctx.profile, ctx.workspace, steps,
-                                        force=force)
-        out = StageOutput(step.name, folder, key, cached, run, read_result(folder))
-        validate(ctx.tracker, out, step, ctx.workspace, ctx.profile.data.source)
+        out = replace(run_stage(step.name, step.module, config, inputs, ctx.profile, ctx.place.workspace, steps,
+                                force=force), run_id=run)
+        validate(ctx.tracker, out, step, ctx.place.workspace, ctx.profile.data.source)
         record(ctx.tracker, out, step)
     ctx.seconds[step.name] = time.time() - started
-    print(f"{step.name}: {'cache hit' if cached else 'done'} ({folder})")
+    print(f"{step.name}: {'cache hit' if out.cached else 'done'} ({out.folder})")
     # A cache hit ends its task in a state named Cached, so the Prefect UI shows it as one.
-    return Completed(data=out, name="Cached", message=f"reused {folder}") if cached else out
+    return Completed(data=out, name="Cached", message=f"reused {out.folder}") if out.cached else out
 
 
 def value(task_result: StageOutput | State) -> StageOutput:
@@ -117,31 +100,19 @@ def restore_data(ctx: Context, data_dir: Path) -> StageOutput:
     under the key the recorded profile gives it."""
     s = recipe_step("data")
     key = stage_key(s.module, ctx.profile.data, inputs_of(s, {}, ctx.profile), ctx.profile)
-    folder = stage_folder(ctx.workspace, s.name, key)
+    folder = cache.stage_folder(ctx.place.workspace, s.name, key)
     with ctx.tracker.child_run(s.name, ctx.parent_run, {"component": s.module, "restored_from": data_dir}) as run_id:
-        tmp = scratch_folder(folder)
-        versioning.restore_data_stage(data_dir, tmp)
-        install(tmp, folder)
-        out = StageOutput(s.name, folder, key, False, run_id, read_result(folder))
-        validate(ctx.tracker, out, s, ctx.workspace, ctx.profile.data.source)
+        cache.build(folder, lambda scratch: versioning.restore_data_stage(data_dir, scratch))
+        out = StageOutput(s.name, folder, key, False, run_id, json.loads((folder / "result.json").read_text()))
+        validate(ctx.tracker, out, s, ctx.place.workspace, ctx.profile.data.source)
         record(ctx.tracker, out, s)
     return out
-
-
-def cached_inputs(name: str, profile: Profile, workspace: Path) -> dict[str, Artifact]:
-    """A stage's inputs from the cached outputs of everything it needs (fetched from the store
-    where this workspace lacks them); ``MissingInput`` names one that nobody has."""
-    outputs = {}
-    for s in RECIPE:
-        if s.name in upstream(name):
-            outputs[s.name] = cached_output(s, inputs_of(s, outputs, profile), profile, workspace)
-    return inputs_of(recipe_step(name), outputs, profile)
 
 
 def run_only(ctx: Context, name: str, force: bool, run_id: str | None) -> StageOutput:
     """One stage on the cached outputs of everything it needs (never sent elsewhere: this is
     what runs on the worker a stage was sent to)."""
-    return value(stage(ctx, recipe_step(name), cached_inputs(name, ctx.profile, ctx.workspace), force, run_id))
+    return value(stage(ctx, recipe_step(name), cached_inputs(name, ctx.profile, ctx.place.workspace), force, run_id))
 
 
 def selected(profile: Profile) -> set[str]:
@@ -186,11 +157,10 @@ def follow(stage: str, config: str | None, overrides: list[str] | None, root: st
     """A machine of rank > 0 in a multi-machine training stage: it fetches the inputs and trains
     its share; rank 0's machine writes the output and every MLflow record."""
     profile = load_profile(config, overrides)
-    workspace = Path(root or os.environ.get("R1FLOW_ROOT") or ".").resolve() / profile.workspace
-    step = recipe_step(stage)
-    _, key, _ = run_stage(step.name, step.module, section(profile, step), cached_inputs(stage, profile, workspace),
-                          profile, workspace, force=True)
-    return {"run_id": None, "stages": {stage: False}, "key": key, "machine_rank": machines().rank}
+    step, workspace = recipe_step(stage), locate(profile, root).workspace
+    out = run_stage(step.name, step.module, section(profile, step), cached_inputs(stage, profile, workspace), profile,
+                    workspace, force=True)
+    return {"run_id": None, "stages": {stage: False}, "key": out.key, "machine_rank": machines().rank}
 
 
 @contextmanager
@@ -199,20 +169,18 @@ def pipeline_run(config: str | None, overrides: list[str] | None, root: str | No
     """The run's context, inside its MLflow parent run (none for a stage sent here to log into a
     run of its own): finished on success, failed on any error."""
     profile = load_profile(config, overrides)
-    root_path = Path(root or os.environ.get("R1FLOW_ROOT") or ".").resolve()
-    workspace = root_path / profile.workspace
-    workspace.mkdir(parents=True, exist_ok=True)
-    uri = profile.tracking.tracking_uri or default_uri(workspace)
-    check_reachable(uri)  # before anything trains: seconds, not MLflow's minutes of retries
-    tracker = Tracker(uri, profile.tracking.experiment, workspace / "mlartifacts")
+    place = locate(profile, root)
+    place.workspace.mkdir(parents=True, exist_ok=True)
+    check_reachable(place.tracking_uri)  # before anything trains: seconds, not MLflow's minutes of retries
+    tracker = Tracker(place.tracking_uri, place.experiment, place.artifacts)
     commit, parent = code_commit(), None
     if own_run:
         parent = tracker.start_run(profile.name + label, tags={
             "profile": profile.name, "config_hash": content_hash(profile)[:16], **commit, **(tags or {})})
         tracker.log_params(parent, profile.model_dump(mode="json"))
         tracker.log_dict(parent, profile.model_dump(mode="json"), "profile.json")  # what `r1flow rerun` reads
-    source = {"config": config, "overrides": list(overrides or []), "root": str(root_path)}
-    ctx = Context(profile, root_path, workspace, tracker, parent, source, commit)
+    source = {"config": config, "overrides": list(overrides or []), "root": str(place.root)}
+    ctx = Context(profile, place, tracker, parent, source, commit)
     if parent is None:
         yield ctx
         return
@@ -240,8 +208,9 @@ def code_commit() -> dict:
 # --- after the stages -----------------------------------------------------------------------
 def finish(ctx: Context, outputs: dict[str, StageOutput]) -> dict:
     """Version the run's datasets, register and review its models, publish the report."""
-    data_hash = version_data(ctx, {path: outputs[ref.split("/")[0]].artifact(ref.split("/")[1]).path
-                                   for path, ref in versioning.DATASETS.items() if ref.split("/")[0] in outputs})
+    refs = {path: split_ref(ref) for path, ref in versioning.DATASETS.items()}
+    data_hash = version_data(ctx, {path: outputs[stage].artifact(file).path
+                                   for path, (stage, file) in refs.items() if stage in outputs})
     versions = register(ctx, outputs, data_hash)
     return {"data_hash": data_hash, "metrics": report(ctx, outputs, versions), "versions": versions,
             "stages": {name: out.cached for name, out in outputs.items()},
@@ -251,9 +220,10 @@ def finish(ctx: Context, outputs: dict[str, StageOutput]) -> dict:
 @task(name="version-data", cache_policy=NO_CACHE)
 def version_data(ctx: Context, files: dict[str, str]) -> str:
     """This run's datasets into ``data/``, ``dvc add`` and push; returns the DVC hash."""
-    versioning.stage_datasets(ctx.root / ctx.profile.data_dir, {k: Path(v) for k, v in files.items()})
-    versioning.ensure_repo(ctx.root, versioning.remote_url(ctx.profile.store, ctx.workspace))
-    data_hash = versioning.version_data(ctx.root, ctx.profile.data_dir.as_posix())
+    root = ctx.place.root
+    versioning.stage_datasets(root / ctx.profile.data_dir, {k: Path(v) for k, v in files.items()})
+    versioning.ensure_repo(root, versioning.remote_url(ctx.profile.store, ctx.place.workspace))
+    data_hash = versioning.version_data(root, ctx.profile.data_dir.as_posix())
     ctx.tracker.set_tags(ctx.parent_run, {"data_hash": data_hash})
-    ctx.tracker.log_artifact(ctx.parent_run, ctx.root / f"{ctx.profile.data_dir.as_posix()}.dvc")  # for reruns
+    ctx.tracker.log_artifact(ctx.parent_run, root / f"{ctx.profile.data_dir.as_posix()}.dvc")  # for reruns
     return data_hash

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from components.config import Profile, Section
+from components.stage_io import split_ref
+
 # Every model is evaluated, the students' base too: a registered model must beat its parent.
 EVALUATED = ("base", "cold_start", "r1_zero", "r1_rl", "r1_sft", "r1_final", "student_base", "student",
              "student_no_traces")
@@ -61,6 +64,11 @@ def recipe_step(name: str) -> Step:
     return next(s for s in RECIPE if s.name == name)
 
 
+def section(profile: Profile, step: Step) -> Section:
+    """The profile section that configures a step."""
+    return getattr(profile, step.section)
+
+
 def check_stage(name: str) -> str:
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
@@ -69,7 +77,7 @@ def check_stage(name: str) -> str:
 
 def upstream(name: str) -> set[str]:
     """Every stage whose output ``name`` reads, directly or not."""
-    direct = {ref.split("/")[0] for ref in recipe_step(name).inputs.values()}
+    direct = {split_ref(ref)[0] for ref in recipe_step(name).inputs.values()}
     return direct.union(*(upstream(d) for d in direct))
 
 

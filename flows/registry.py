@@ -12,10 +12,11 @@ from prefect.cache_policies import NO_CACHE
 
 from components import promotion
 from components.config import content_hash
+from components.stage_io import read_metrics
 from components.tracking import VersionRecord
+from flows.keys import StageOutput, code_version
 from flows.locks import exclusive
 from flows.recipe import PARENTS, REGISTERED, recipe_step
-from flows.stages import StageOutput, code_version, read_metrics
 
 
 @task(name="register", cache_policy=NO_CACHE)
@@ -25,7 +26,7 @@ def register(ctx, outputs: dict[str, StageOutput], data_hash: str) -> dict[str, 
     moves only after every version is registered and reviewed, so a failure on the way leaves
     every champion where it was."""
     # Two runs of one profile at once would both find a model unregistered: one registers at a time.
-    with exclusive(f"registry-{ctx.profile.tracking.registry_prefix}", ctx.workspace / "locks"):
+    with exclusive(f"registry-{ctx.profile.tracking.registry_prefix}", ctx.place.workspace / "locks"):
         return _register(ctx, outputs, data_hash)
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+from flows.keys import Artifact, StageOutput
 from flows.recipe import Step
-from flows.stages import Artifact, StageFailed, StageOutput, cached_output
+from flows.stages import StageFailed, cached_output
 
 
 def sent_to_gpu(ctx, step: Step) -> bool:
@@ -46,4 +47,4 @@ def remote_stage(ctx, step: Step, inputs: dict[str, Artifact], force: bool) -> S
                               f"{run.state.message or 'see the Prefect UI'}")
     ctx.seconds[step.name] = time.time() - started
     cached = ctx.tracker.run(run_id).tags.get("cached") == "True"
-    return replace(cached_output(step, inputs, ctx.profile, ctx.workspace), cached=cached, run_id=run_id)
+    return replace(cached_output(step, inputs, ctx.profile, ctx.place.workspace), cached=cached, run_id=run_id)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import yaml
 
 from components import versioning
 from components.tracking import Tracker, metric_name
 from flows.pipeline import code_commit, r1_pipeline
+from flows.workspace import Place
 
 
 @dataclass
@@ -40,10 +40,13 @@ def recorded_run(tracker: Tracker, run_id: str) -> tuple[dict, str, dict]:
         run.tags
 
 
-def rerun(run_id: str, root: Path, tracking_uri: str) -> tuple[dict, list[Comparison], list[str]]:
+def rerun(run_id: str, place: Place, tracking_uri: str | None = None) -> tuple[dict, list[Comparison], list[str]]:
     """Restore the run's data, run its profile, compare its metrics; returns (summary, comparisons,
-    warnings about what differs from the original run's circumstances)."""
-    tracker = Tracker(tracking_uri, "r1flow")
+    warnings about what differs from the original run's circumstances). The run is looked up
+    in ``place``'s store (or ``tracking_uri``), and rerun under ``place``'s root."""
+    tracking_uri = tracking_uri or place.tracking_uri
+    tracker = Tracker(tracking_uri, place.experiment)
+    root = place.root
     profile, pointer, tags = recorded_run(tracker, run_id)
     warnings = []
     now = code_commit()

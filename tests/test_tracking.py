@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from components.tracking import Tracker, default_uri, flatten, metric_name
+from components.tracking import Tracker, flatten, metric_name
+from flows.workspace import default_uri
 
 
 @pytest.fixture

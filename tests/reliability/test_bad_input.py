@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from components.config import ModelConfig, load_profile
+from flows.keys import inputs_of
 from flows.recipe import recipe_step
-from flows.stages import StageFailed, inputs_of, run_stage
+from flows.stages import StageFailed, run_stage
 
 PROJECT = Path(__file__).resolve().parents[2]
 MICRO = PROJECT / "configs" / "micro.yaml"
@@ -58,8 +59,7 @@ def _profile(train: Path, test: Path, *overrides: str):
 def _run_data(profile, workspace: Path) -> Path:
     """The data stage as the pipeline runs it: its own process, its inputs keyed by content."""
     inputs = inputs_of(recipe_step("data"), {}, profile)
-    folder, _, _ = run_stage("data", "data", profile.data, inputs, profile, workspace)
-    return folder
+    return run_stage("data", "data", profile.data, inputs, profile, workspace).folder
 
 
 def _refused(profile, workspace: Path, name: str = "data", config=None) -> str:

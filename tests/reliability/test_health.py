@@ -13,9 +13,9 @@ import pytest
 
 from components.config import load_profile
 from components.tracking import Tracker
+from flows.keys import StageOutput
 from flows.pipeline import Context
 from flows.registry import register
-from flows.stages import StageOutput
 
 MICRO = Path(__file__).parents[2] / "configs" / "micro.yaml"
 PROMPTS = [f"p{i}" for i in range(200)]

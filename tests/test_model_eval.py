@@ -8,16 +8,17 @@ from mlflow.tracking import MlflowClient
 
 from components import versioning
 from components.jsonl import load_jsonl
-from components.tracking import Tracker, default_uri
+from components.tracking import Tracker
+from flows.workspace import default_uri
 
 MICRO = str(Path(__file__).parents[1] / "configs" / "micro.yaml")
 SETTINGS = {"config": MICRO, "overrides": ["runtime.device=cpu"]}
 
 
 def test_eval_imports_versions_and_scores_with_per_sample_records(tmp_path, tiny_base):
-    from flows.benchmark import evaluate_benchmark
+    from flows.model_eval import evaluate_model
 
-    result = evaluate_benchmark(model=str(tiny_base), benchmark="countdown", root=str(tmp_path), limit=3, **SETTINGS)
+    result = evaluate_model(model=str(tiny_base), benchmark="countdown", root=str(tmp_path), limit=3, **SETTINGS)
     imported = tmp_path / "data" / "benchmarks" / "countdown.jsonl"
     assert len(load_jsonl(imported)) == 256  # the whole test file, through the project's importer
     assert versioning.remote_status(tmp_path) == {}  # versioned with DVC and pushed
@@ -33,21 +34,21 @@ def test_eval_imports_versions_and_scores_with_per_sample_records(tmp_path, tiny
     assert run.data.tags["data_hash"] == versioning.data_hash(tmp_path)
     assert run.data.metrics["pass_at_1"] == result["metrics"]["pass@1"]
 
-    again = evaluate_benchmark(model=str(tiny_base), benchmark="countdown", root=str(tmp_path), limit=3, **SETTINGS)
+    again = evaluate_model(model=str(tiny_base), benchmark="countdown", root=str(tmp_path), limit=3, **SETTINGS)
     assert again["cached"] and again["metrics"] == result["metrics"]
 
 
 def test_eval_a_registered_version_by_number_and_alias(tmp_path, tiny_base):
-    from flows.benchmark import evaluate_benchmark
+    from flows.model_eval import evaluate_model
 
     workspace = tmp_path / ".r1flow"
     workspace.mkdir()
     tracker = Tracker(default_uri(workspace), "r1flow", workspace / "mlartifacts")
     run_id = tracker.start_run("base")
     tracker.register(run_id, tiny_base, "r1flow-base", {})
-    by_number = evaluate_benchmark(model="r1flow-base/1", benchmark="gsm8k", root=str(tmp_path), limit=2, **SETTINGS)
+    by_number = evaluate_model(model="r1flow-base/1", benchmark="gsm8k", root=str(tmp_path), limit=2, **SETTINGS)
     assert (workspace / "models" / "r1flow-base" / "1" / "model.safetensors").exists()
-    by_alias = evaluate_benchmark(model="r1flow-base@candidate", benchmark="gsm8k", root=str(tmp_path), limit=2,
+    by_alias = evaluate_model(model="r1flow-base@candidate", benchmark="gsm8k", root=str(tmp_path), limit=2,
                                   **SETTINGS)
     assert by_alias["cached"] and by_alias["metrics"] == by_number["metrics"]  # the same version, the same key
     assert json.loads(Path(by_number["samples"]).read_text().splitlines()[0])["gold"] == "18"  # GSM8K test item 0
@@ -60,7 +61,7 @@ def test_eval_a_registered_version_by_number_and_alias(tmp_path, tiny_base):
     ("x/1", "aime", "unknown benchmark 'aime'"),
 ])
 def test_eval_bad_input_names_what_is_wrong(tmp_path, model, benchmark, message):
-    from flows.benchmark import evaluate_benchmark
+    from flows.model_eval import evaluate_model
 
     with pytest.raises(ValueError, match=message):
-        evaluate_benchmark(model=model, benchmark=benchmark, root=str(tmp_path), **SETTINGS)
+        evaluate_model(model=model, benchmark=benchmark, root=str(tmp_path), **SETTINGS)

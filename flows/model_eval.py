@@ -12,7 +12,6 @@ keyed stage (same model, file and settings: a cache hit) in its own MLflow run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -20,16 +19,19 @@ from pathlib import Path
 from prefect import flow
 
 from components import versioning
-from components.benchmarks import import_benchmark
 from components.config import Profile, content_hash, load_profile, plain_template
 from components.data import data_seed
+from components.digest import file_sha256, tree_sha256
 from components.gym import gym_splits
+from components.importer import import_benchmark
 from components.jsonl import write_jsonl
-from components.tracking import NotFound, Tracker, default_uri
-from flows.stages import Artifact, file_digest, run_stage
+from components.tracking import NotFound, Tracker
+from flows.keys import Artifact
+from flows.stages import run_stage
+from flows.workspace import Place, locate
 
 PROJECT = Path(__file__).resolve().parents[1]
-# name -> (its format, a key of benchmarks.PRESETS; public test file in sources/)
+# name -> (its format, a key of importer.PRESETS; public test file in sources/)
 BENCHMARKS = {
     "gsm8k": ("gsm8k", "sources/gsm8k/test.jsonl.gz"),
     "math500": ("math", "sources/math500/test.jsonl.gz"),
@@ -59,9 +61,9 @@ def benchmark_records(profile: Profile, benchmark: str) -> list[dict]:
     return gym_splits(data.tasks, data_seed(data, profile.seed), data.n_train, data.n_validation, data.n_test)[2]
 
 
-def benchmark_file(root: Path, profile: Profile, benchmark: str) -> Path:
+def benchmark_file(place: Place, profile: Profile, benchmark: str) -> Path:
     """``data/benchmarks/NAME.jsonl``, imported, validated and versioned with DVC on first use."""
-    name = benchmark_name(profile, benchmark)
+    name, root = benchmark_name(profile, benchmark), place.root
     path = root / profile.data_dir / "benchmarks" / f"{name}.jsonl"
     if path.exists():
         return path
@@ -75,7 +77,7 @@ def benchmark_file(root: Path, profile: Profile, benchmark: str) -> Path:
         staged.unlink(missing_ok=True)
         raise
     staged.rename(path)  # only a validated file takes the name
-    versioning.ensure_repo(root, versioning.remote_url(profile.store, root / profile.workspace))
+    versioning.ensure_repo(root, versioning.remote_url(profile.store, place.workspace))
     versioning.version_data(root, profile.data_dir.as_posix())
     return path
 
@@ -87,10 +89,7 @@ def model_folder(ref: str, tracker: Tracker, workspace: Path) -> tuple[Path, str
     if folder.is_dir():
         if not (folder / "config.json").exists():
             raise ValueError(f"model {ref!r}: a folder without config.json is not a Hugging Face model folder")
-        digest = hashlib.sha256()
-        for file in sorted(p for p in folder.iterdir() if p.is_file()):
-            digest.update(file.name.encode() + (file_digest(file) or "").encode())
-        return folder, digest.hexdigest()[:16]
+        return folder, tree_sha256(folder)[:16]
     name, sep, version = ref.partition("/") if "/" in ref else ref.partition("@")
     if not sep or not version:
         raise ValueError(f"model {ref!r}: not a folder, and not a registered NAME/VERSION or NAME@ALIAS")
@@ -103,35 +102,35 @@ def model_folder(ref: str, tracker: Tracker, workspace: Path) -> tuple[Path, str
 
 
 @flow(name="r1flow-eval", flow_run_name="{benchmark}", log_prints=True)
-def evaluate_benchmark(model: str, benchmark: str, config: str | None = None, overrides: list[str] | None = None,
-                       root: str = ".", limit: int | None = None) -> dict:
-    """Score ``model`` on ``benchmark``'s test file with the profile's ``evaluate`` settings."""
+def evaluate_model(model: str, benchmark: str, config: str | None = None, overrides: list[str] | None = None,
+                   root: str | None = None, limit: int | None = None) -> dict:
+    """Score ``model`` on ``benchmark``'s test file with the profile's ``evaluate`` settings;
+    ``root``: where the workspace is (none: ``$R1FLOW_ROOT``, else the working directory)."""
     profile = load_profile(config, overrides)
-    root_path = Path(root).resolve()
-    workspace = root_path / profile.workspace
+    place = locate(profile, root)
+    workspace = place.workspace
     workspace.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(profile.tracking.tracking_uri or default_uri(workspace), profile.tracking.experiment,
-                      workspace / "mlartifacts")
+    tracker = Tracker(place.tracking_uri, place.experiment, place.artifacts)
     if benchmark not in NAMES:
         raise ValueError(f"unknown benchmark {benchmark!r}; choose from {', '.join(NAMES)}")
     folder, model_key = model_folder(model, tracker, workspace)
-    data = benchmark_file(root_path, profile, benchmark)
+    data = benchmark_file(place, profile, benchmark)
     settings = profile.evaluate.model_copy(update={"limit": limit})
-    inputs = {"model": Artifact(str(folder), model_key), "data": Artifact(str(data), file_digest(data))}
+    inputs = {"model": Artifact(str(folder), model_key), "data": Artifact(str(data), file_sha256(data))}
     started = time.time()
     run_id = tracker.start_run(f"eval {benchmark}: {model}", tags={
-        "model": model, "benchmark": benchmark, "data_hash": versioning.data_hash(root_path, profile.data_dir.as_posix())})
+        "model": model, "benchmark": benchmark, "data_hash": versioning.data_hash(place.root, profile.data_dir.as_posix())})
     tracker.log_params(run_id, {"evaluate": settings.model_dump(mode="json"), "model_folder": str(folder),
                                 "prompt_template": plain_template(profile)})
     try:
-        out, key, cached = run_stage(f"eval_{benchmark}", "evaluate", settings, inputs, profile, workspace)
+        out = run_stage(f"eval_{benchmark}", "evaluate", settings, inputs, profile, workspace)
     except BaseException:
         tracker.finish(run_id, ok=False)
         raise
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out.folder / "metrics.json").read_text())
     tracker.log_metrics(run_id, metrics)
-    tracker.set_tags(run_id, {"stage_key": key, "cached": cached})
-    tracker.log_artifact(run_id, out / "samples.jsonl")
+    tracker.set_tags(run_id, {"stage_key": out.key, "cached": out.cached})
+    tracker.log_artifact(run_id, out.folder / "samples.jsonl")
     tracker.finish(run_id)
-    return {"run_id": run_id, "metrics": metrics, "samples": str(out / "samples.jsonl"), "cached": cached,
+    return {"run_id": run_id, "metrics": metrics, "samples": str(out.folder / "samples.jsonl"), "cached": out.cached,
             "seconds": time.time() - started, "tracking_uri": tracker.uri}

@@ -1,4 +1,4 @@
-"""Tests for components.benchmarks: importers, JSONL I/O, decontamination, and real-file graders."""
+"""Tests for components.importer: importers, JSONL I/O, decontamination, and real-file graders."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from components.addition import r1_completion
-from components.benchmarks import (
+from components.importer import (
     PRESETS,
     boxed_answer,
     check_mapping,

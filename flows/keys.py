@@ -1,0 +1,117 @@
+"""Content keys: what names a stage's output, as pure functions of the profile and the inputs.
+
+A key hashes what changes the output and nothing else: the stage's config values (defaults
+included), the keys of its inputs, the code that runs (the component's module and every
+``components`` module it imports, the config schema aside), the seed, the prompt template and the
+runtime settings that change results. The same key means the same result: that is what makes
+caching, ``--from``, ``--only``, resume and rerun safe, on any worker.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+from components.config import Profile, Section, content_hash, plain_template
+from components.digest import content_sha256
+from components.stage_io import split_ref
+from flows.machines import accelerated, machines
+from flows.recipe import RECIPE, Step, section
+
+COMPONENTS = Path(__file__).resolve().parents[1] / "components"
+# The config schema is not code that runs: a stage's config *values* (defaults included) are in
+# its key already, so an edit to a help string or another section's fields must change no key.
+SCHEMA = "config"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A file or folder produced by a stage, with the key that identifies its content."""
+
+    path: str
+    key: str
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What a stage left, however it ran: its keyed folder, whether it was reused, its MLflow
+    run and its ``result.json``."""
+
+    name: str
+    folder: Path
+    key: str
+    cached: bool
+    run_id: str | None = None
+    result: dict = field(default_factory=dict)
+
+    def artifact(self, file: str | None = None) -> Artifact:
+        """Its model folder, or one of the JSONL files it wrote, as another stage's input."""
+        if file is None:
+            return Artifact(str(self.folder / "model"), self.key)
+        return Artifact(str(self.folder / f"{file}.jsonl"), f"{self.key}/{file}")
+
+
+def inputs_of(step: Step, outputs: dict[str, StageOutput], profile: Profile) -> dict[str, Artifact]:
+    """A recipe step's inputs from its upstream outputs; the data stage's are the files a profile
+    imports, keyed by content."""
+    if step.module == "data":
+        files = {"train": profile.data.train_path, "test": profile.data.test_path}
+        return {name: Artifact(str(path), content_sha256(path)) for name, path in files.items() if path is not None}
+    refs = {name: split_ref(ref) for name, ref in step.inputs.items()}
+    return {name: outputs[stage].artifact(file) for name, (stage, file) in refs.items()}
+
+
+@cache
+def code_version(module: str) -> str:
+    """Hash of a component module and the ``components`` modules it imports, transitively
+    (the config schema aside)."""
+    seen: set[str] = {SCHEMA}
+    pending = [module]
+    digest = hashlib.sha256()
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        source = (COMPONENTS / f"{name}.py").read_text()
+        digest.update(name.encode() + source.encode())
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("components."):
+                pending.append(node.module.split(".", 1)[1])
+            elif isinstance(node, ast.ImportFrom) and node.module == "components":  # from components import gym
+                pending += [alias.name for alias in node.names]
+    return digest.hexdigest()[:16]
+
+
+def runtime_identity(module: str, profile: Profile) -> dict:
+    """The runtime settings that change a stage's output: device, generation backend and, for a
+    training stage under accelerate, the content of its config (world size, ZeRO stage, precision)
+    and the number of machines it spans."""
+    runtime = profile.runtime
+    identity = {"device": runtime.device, "generation_backend": runtime.generation_backend}
+    if runtime.precision != "auto":  # left out at its default: keys made before the setting stay valid
+        identity["precision"] = runtime.precision
+    if accelerated(module, profile):
+        identity["accelerate_config"] = content_sha256(runtime.accelerate_config)
+        if (group := machines()) is not None:
+            identity["machines"] = group.count
+    return identity
+
+
+def stage_key(module: str, config: Section, inputs: dict[str, Artifact], profile: Profile) -> str:
+    shared = {"seed": profile.seed, "template": plain_template(profile),
+              "runtime": runtime_identity(module, profile)}
+    return content_hash(module, code_version(module), config, {k: v.key for k, v in sorted(inputs.items())},
+                        shared)[:16]
+
+
+def planned_keys(profile: Profile) -> dict[str, str]:
+    """Every stage's key for a profile, computed without running anything."""
+    outputs: dict[str, StageOutput] = {}
+    for step in RECIPE:
+        key = stage_key(step.module, section(profile, step), inputs_of(step, outputs, profile), profile)
+        outputs[step.name] = StageOutput(step.name, Path(), key, cached=False)
+    return {name: out.key for name, out in outputs.items()}

@@ -1,0 +1,152 @@
+"""The stage process: how it starts, how it is followed, and what it said when it failed.
+
+A stage runs as ``python -m components.<module> --spec SPEC`` (or under ``accelerate launch``
+for a training stage, across machines when it spans several), in the stage environment the
+profile names; CPU stages in the orchestrator's own environment are forked from a warm server
+(``flows.forkserver``), so the imports are paid once per run, not per stage. While it runs, a
+terminal shows a progress bar fed by its metrics log; elsewhere (CI, Prefect worker logs) a line
+says where it is at most every ``PROGRESS_EVERY`` seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from functools import cache
+from pathlib import Path
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from components.config import Profile, content_hash
+from components.stage_io import ERROR_MARK, read_metrics
+from flows.forkserver import ForkServer
+from flows.keys import COMPONENTS
+from flows.machines import accelerated, machines
+
+PRELOAD = [f"components.{m}" for m in ("data", "base", "sft", "grpo", "rejection_sampling", "evaluate")]
+PROGRESS_EVERY = 30.0  # seconds between progress lines where stderr is no terminal (CI, worker logs)
+_FORK_SERVERS: dict[tuple, ForkServer] = {}
+
+
+def run_process(name: str, module: str, folder: Path, profile: Profile, total_steps: int | None) -> int:
+    """Start the stage's process on ``folder/spec.json``, logging to ``folder/stage.log``, and
+    follow it to its end; returns its exit code. Ctrl-C or a cancelled flow stops it first."""
+    on_cpu = profile.runtime.device == "cpu" or (profile.runtime.device == "auto" and not _has_cuda())
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           **({"DS_ACCELERATOR": "cpu"} if on_cpu else {})}
+    spec, log = folder / "spec.json", folder / "stage.log"
+    log.touch()
+    process = start(module, spec, log, profile, env, warm=on_cpu)
+    try:
+        follow(process, name, folder / "metrics.jsonl", total_steps)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return process.returncode
+
+
+def launch_command(module: str, spec: Path, profile: Profile) -> list[str]:
+    python = profile.runtime.stage_python or sys.executable
+    if not accelerated(module, profile):
+        return [python, "-m", f"components.{module}", "--spec", str(spec)]
+    group = machines()
+    # Several machines: each starts its share of the processes (the config's num_processes is the
+    # total), rank 0's address is the rendezvous; torchrun-style launch on each, no ssh between them.
+    across = [] if group is None else [
+        "--num_machines", str(group.count), "--machine_rank", str(group.rank), "--main_process_ip",
+        group.main_ip, "--main_process_port", str(group.main_port), "--deepspeed_multinode_launcher", "standard"]
+    return [python, "-m", "accelerate.commands.launch", "--config_file", str(profile.runtime.accelerate_config),
+            *across, "-m", f"components.{module}", "--spec", str(spec)]
+
+
+def start(module: str, spec: Path, log: Path, profile: Profile, env: dict, warm: bool):
+    """Forked from a warm server for CPU stages in this environment, else a plain process."""
+    if warm and profile.runtime.launcher == "python" and profile.runtime.stage_python is None:
+        server = _fork_server(env)
+        if server.busy.acquire(blocking=False):  # another stage is running on it: start a plain one
+            try:
+                return server.launch(f"components.{module}", spec, log, env)
+            except BaseException:
+                server.busy.release()
+                raise
+    with log.open("w") as out:
+        return subprocess.Popen(launch_command(module, spec, profile), stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def _fork_server(env: dict) -> ForkServer:
+    """The fork server for this environment and this source of the components, started on first
+    use and replaced when either changed (an edited component is never run from a stale import)."""
+    source = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(COMPONENTS.glob("*.py")))
+    identity = (sys.executable, content_hash(env), source)
+    server = _FORK_SERVERS.get(identity)
+    if server is None or not server.alive():
+        for old in _FORK_SERVERS.values():
+            old.close()
+        _FORK_SERVERS.clear()
+        server = _FORK_SERVERS[identity] = ForkServer(sys.executable, env, PRELOAD)
+    return server
+
+
+@cache
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def follow(process, name: str, metrics: Path, total: int | None) -> None:
+    """While the stage runs: a progress bar in a terminal, fed by its metrics log; elsewhere a
+    line at most every ``PROGRESS_EVERY`` seconds, so a long stage is never minutes of silence."""
+    terminal = sys.stderr.isatty()
+    columns = [TextColumn(f"[bold]{name}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+               TimeElapsedColumn()]
+    started = said = read = time.time()
+    with Progress(*columns, transient=True, disable=not terminal) as progress:
+        bar = progress.add_task(name, total=total)
+        while process.poll() is None:
+            time.sleep(0.2)  # a small stage takes a few seconds: poll often, read the log once a second
+            if time.time() - read < 1:
+                continue
+            read = time.time()
+            rows = read_metrics(metrics)
+            progress.update(bar, completed=rows[-1].get("step", 0) if rows else 0)
+            if not terminal and read - said >= PROGRESS_EVERY:
+                print(progress_line(name, rows, total, read - started), file=sys.stderr, flush=True)
+                said = read
+
+
+def progress_line(name: str, rows: list[dict], total: int | None, seconds: float) -> str:
+    """``r1_zero: step 15/40, 1m32s, reward 0.548``: where a stage is, and its latest reward or loss;
+    ``eval_base: running, 3m05s`` for a stage that counts no steps."""
+    minutes, secs = divmod(int(seconds), 60)
+    if not rows and total is None:
+        return f"{name}: running, {minutes}m{secs:02d}s"
+    step = rows[-1].get("step", 0) if rows else 0
+    latest = next(((key, row[key]) for row in reversed(rows) for key in ("reward", "loss") if key in row), None)
+    return (f"{name}: step {step}/{total or '?'}, {minutes}m{secs:02d}s"
+            + (f", {latest[0]} {latest[1]:.4g}" if latest else ""))
+
+
+def keep_log(log: Path, kept: Path) -> Path | None:
+    """A failed stage's log, moved out of its scratch folder (None: not even that fits on the disk)."""
+    try:
+        kept.parent.mkdir(exist_ok=True)
+        return Path(shutil.move(log, kept))
+    except OSError:
+        return None
+
+
+def failure(name: str, code: int, log: Path | None, workspace: Path) -> str:
+    """Why a stage failed: one line for bad input or a full disk, else the tail of its log."""
+    lines = log.read_text(errors="replace").splitlines() if log else []
+    marked = [line.removeprefix(ERROR_MARK) for line in lines[-5:] if line.startswith(ERROR_MARK)]
+    if shutil.disk_usage(workspace).free < 1 << 20 or (marked and marked[-1].startswith("no space left")):
+        return f"stage {name!r}: no space left on the device holding {workspace}; free some and run again"
+    if marked:
+        return f"stage {name!r}: {marked[-1]} (log: {log})"
+    tail = "\n".join(lines[-15:])
+    return f"stage {name!r} failed (exit {code}); full log: {log}\n{tail}"
