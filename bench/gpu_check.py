@@ -102,7 +102,8 @@ def grpo_check(model, tokenizer, device: str, steps: int, completion: int, vllm:
         seconds = time.perf_counter() - started
     lengths = [row["completions/mean_length"] for row in trainer.state.log_history if "completions/mean_length" in row]
     generated = sum(lengths) * GROUP  # mean completion tokens × completions per step (one prompt's group)
-    return {"grpo_seconds_per_step": seconds / steps, "grpo_generated_tokens_per_s": generated / max(generating[0], 1e-9),
+    return {"grpo_seconds_per_step": seconds / steps,
+            "grpo_generated_tokens_per_s": generated / max(generating[0], 1e-9),
             "grpo_generation_share": generating[0] / seconds if not vllm else None}
 
 

@@ -166,8 +166,8 @@ def main() -> None:
                                tags={f"seed_{s}_run": v["run_id"] for s, v in seeds.items()})
     for file in ("r1_findings.md", *(f for f, _ in CURVES.values())):
         tracker.log_artifact(run_id, args.out / file)
-    tracker.log_metrics(run_id, {f"{role}.pass_at_1.mean": mean(s["metrics"][f"{role}.pass_at_1"] for s in seeds.values())
-                                 for role in MODELS})
+    tracker.log_metrics(run_id, {f"{role}.pass_at_1.mean": mean(s["metrics"][f"{role}.pass_at_1"]
+                                                                for s in seeds.values()) for role in MODELS})
     tracker.finish(run_id)
     print(f"written to {args.out} and MLflow run {run_id} (experiment r1flow-bench)")
 

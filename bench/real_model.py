@@ -69,7 +69,8 @@ def score_gsm8k(folder: Path, settings: list[str], n: int) -> None:
     GSM8K answers need room: 256 new tokens, one sample and the greedy decode per problem."""
     for role in MODELS:
         r1flow(folder, ["eval", str(model_folder(folder, role)), "--benchmark", "gsm8k", "--limit", str(n),
-                        *settings, "--set", "evaluate.max_new_tokens=256", "--set", "evaluate.k=1"], f"gsm8k-{role}.log")
+                        *settings, "--set", "evaluate.max_new_tokens=256", "--set", "evaluate.k=1"],
+               f"gsm8k-{role}.log")
 
 
 def model_folder(folder: Path, stage: str) -> Path:
@@ -85,7 +86,8 @@ def read_seed(folder: Path, profile) -> dict:
     parent = tracker.pipeline_runs(limit=1)[0]
     grpo = tracker.child_runs(parent.run_id)["r1_zero"]
     evals = tracker.benchmark_runs("gsm8k")[::-1]  # oldest first: the newest run of a model wins
-    gsm8k = {role: run.metrics for role in MODELS for run in evals if run.tags.get("model") == str(model_folder(folder, role))}
+    gsm8k = {role: run.metrics for role in MODELS for run in evals
+             if run.tags.get("model") == str(model_folder(folder, role))}
     return {"metrics": parent.metrics, "curves": {key: tracker.metric_history(grpo.run_id, key) for key in CURVES},
             "gsm8k": gsm8k, "grpo_seconds": grpo.seconds, "run_id": parent.run_id}
 
@@ -106,7 +108,8 @@ def report(seeds: dict[int, dict], title: str, out: Path, name: str) -> str:
     lift = [z - b for z, b in zip(get("r1_zero", "pass_at_1"), get("base", "pass_at_1"))]
     minutes = figures([s["wall"] / 60 for s in seeds.values()], 1)
     grpo = figures([s["grpo_seconds"] / 60 for s in seeds.values()], 1)
-    lines += ["", (f"Strict pass@1 lift: {mean(lift):+.3f} on the mean, per seed {', '.join(f'{x:+.3f}' for x in lift)}; "
+    per_seed = ", ".join(f"{x:+.3f}" for x in lift)
+    lines += ["", (f"Strict pass@1 lift: {mean(lift):+.3f} on the mean, per seed {per_seed}; "
                    f"minutes per seed, a first run from an empty folder: {minutes} (the GRPO stage: {grpo}).")]
     scored = {seed: s["gsm8k"] for seed, s in seeds.items() if s["gsm8k"]}
     if scored:

@@ -73,7 +73,8 @@ class DataConfig(Section):
         return self
 
     def _check_files(self) -> None:
-        """A file source: both files there in a format the importer reads, and (source file) a mapping that fits its task."""
+        """A file source: both files there in a format the importer reads, and (source file) a mapping
+        that fits its task."""
         from components.importer import check_mapping, file_format  # the importer's own rules
 
         for key in ("train_path", "test_path"):
@@ -135,7 +136,7 @@ class ModelConfig(Section):
         return self
 
 
-class TrainConfig(Section):
+class TrainSection(Section):
     """Arguments shared by TRL's SFTConfig and GRPOConfig (same names, same meaning)."""
 
     learning_rate: float = Field(1e-4, gt=0)
@@ -149,11 +150,11 @@ class TrainConfig(Section):
     trl_args: dict[str, Any] = Field(default_factory=dict, description="any other TRL argument, by TRL's name")
 
 
-class SFTConfig(TrainConfig):
+class SFTSection(TrainSection):
     max_length: int = Field(256, gt=0)
 
 
-class GRPOConfig(TrainConfig):
+class GRPOSection(TrainSection):
     num_generations: int = Field(8, gt=1, description="group size G: completions per prompt")
     max_completion_length: int = Field(64, gt=0)
     temperature: float = Field(1.0, gt=0)
@@ -174,14 +175,15 @@ class GRPOConfig(TrainConfig):
     use_vllm: bool = Field(False, description="generate GRPO rollouts with vLLM (TRL's integration)")
     vllm_mode: Literal["colocate", "server"] | None = Field(
         None, description="colocate: vLLM inside the training processes, sharing their GPUs; server: a "
-        "vLLM server on GPUs of its own (`vllm serve`). Required with use_vllm: TRL 1.16 changed its default to colocate")
+        "vLLM server on GPUs of its own (`vllm serve`). Required with use_vllm: TRL 1.16 changed its default to "
+        "colocate")
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="colocate: GPU memory share for vLLM")
     vllm_tensor_parallel_size: int = Field(1, gt=0, description="colocate: GPUs per vLLM engine")
     vllm_server_host: str = Field("127.0.0.1", description="server mode: where the vLLM server answers")
     vllm_server_port: int = Field(8000, gt=0, description="server mode: its port")
 
     @model_validator(mode="after")
-    def _check(self) -> GRPOConfig:
+    def _check(self) -> GRPOSection:
         from components.rewards import REWARDS
 
         unknown = set(self.rewards) - set(REWARDS)
@@ -292,13 +294,13 @@ class Profile(Section):
     data: DataConfig = DataConfig()
     base: ModelConfig = ModelConfig()
     student: ModelConfig = ModelConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128)
-    cold_start: SFTConfig = SFTConfig()
-    grpo: GRPOConfig = GRPOConfig()
+    cold_start: SFTSection = SFTSection()
+    grpo: GRPOSection = GRPOSection()
     rejection_sampling: RejectionSamplingConfig = RejectionSamplingConfig()
-    sft: SFTConfig = SFTConfig()
-    final_rl: GRPOConfig = Field(GRPOConfig(), description="R1's last stage: GRPO again, on the SFT-on-traces "
+    sft: SFTSection = SFTSection()
+    final_rl: GRPOSection = Field(GRPOSection(), description="R1's last stage: GRPO again, on the SFT-on-traces "
                                  "model (r1_final); apart from grpo, so its steps are its own")
-    distill: SFTConfig = SFTConfig()
+    distill: SFTSection = SFTSection()
     evaluate: EvaluateConfig = EvaluateConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -320,7 +322,7 @@ class Profile(Section):
         if self.store is not None and not self.store.startswith("s3://"):
             raise ValueError(f"store: {self.store!r} is not s3://bucket/prefix")
         sections = {"cold_start": "SFTConfig", "sft": "SFTConfig", "distill": "SFTConfig", "grpo": "GRPOConfig",
-                    "final_rl": "GRPOConfig"}
+                    "final_rl": "GRPOConfig"}  # the TRL class each passes trl_args to
         passed = {name: cls for name, cls in sections.items() if getattr(self, name).trl_args}
         if not passed:
             return self  # importing TRL (and torch) takes seconds; only trl_args need it

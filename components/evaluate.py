@@ -66,8 +66,8 @@ def run(spec: StageSpec) -> dict:
     records = load_jsonl(spec.inputs["data"])[: cfg.limit]
     tokenizer = load_tokenizer(spec.inputs["model"])
     prompts = [render_prompt(tokenizer, r["question"], spec.prompt_template) for r in records]
-    common = {"seed": spec.seed, "batch_size": cfg.batch_size, "device": spec.device, "backend": spec.generation_backend,
-              "precision": spec.precision}
+    common = {"seed": spec.seed, "batch_size": cfg.batch_size, "device": spec.device,
+              "backend": spec.generation_backend, "precision": spec.precision}
     sampled = generate(spec.inputs["model"], prompts, Sampling(cfg.k, cfg.temperature, cfg.top_p, cfg.max_new_tokens),
                        label="evaluating (sampled)", **common)
     greedy = generate(spec.inputs["model"], prompts, Sampling(1, max_new_tokens=cfg.max_new_tokens, greedy=True),

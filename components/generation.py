@@ -57,7 +57,8 @@ def sample(model, tokenizer, prompts: list[str], sampling: Sampling, *, batch_si
                               add_special_tokens=False).to(model.device)
             with torch.inference_mode():
                 output = model.generate(
-                    **batch, do_sample=not sampling.greedy, temperature=None if sampling.greedy else sampling.temperature,
+                    **batch, do_sample=not sampling.greedy,
+                    temperature=None if sampling.greedy else sampling.temperature,
                     top_p=None if sampling.greedy else sampling.top_p, top_k=0 if not sampling.greedy else None,
                     max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.k,
                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

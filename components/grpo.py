@@ -15,10 +15,9 @@ from statistics import mean
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
-from trl import GRPOConfig as TRLGRPOConfig
-from trl import GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer
 
-from components.config import GRPOConfig
+from components.config import GRPOSection
 from components.generation import Sampling, sample
 from components.jsonl import load_jsonl
 from components.modeling import load_model, load_tokenizer, pick_device, render_prompt
@@ -87,11 +86,11 @@ VLLM_FIELDS = ("vllm_mode", "vllm_gpu_memory_utilization", "vllm_tensor_parallel
                "vllm_server_port")
 
 
-def grpo_arguments(cfg: GRPOConfig, spec: StageSpec, device: str) -> TRLGRPOConfig:
+def grpo_arguments(cfg: GRPOSection, spec: StageSpec, device: str) -> GRPOConfig:
     """TRL's GRPO config for a stage; rollouts by TRL's vLLM integration when the profile asks
     (no generation code of r1flow's own on that path)."""
     vllm = {"use_vllm": True, **{name: getattr(cfg, name) for name in VLLM_FIELDS}} if cfg.use_vllm else {}
-    return TRLGRPOConfig(
+    return GRPOConfig(
         **trl_arguments(cfg, spec, device),
         num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.beta, epsilon=cfg.epsilon,
@@ -100,7 +99,7 @@ def grpo_arguments(cfg: GRPOConfig, spec: StageSpec, device: str) -> TRLGRPOConf
     )
 
 
-def lora_config(cfg: GRPOConfig):
+def lora_config(cfg: GRPOSection):
     """peft's LoRA on every linear layer when the profile asks for it (``lora_r``), else None."""
     if not cfg.lora_r:
         return None
@@ -111,7 +110,7 @@ def lora_config(cfg: GRPOConfig):
 
 
 def run(spec: StageSpec) -> dict:
-    cfg = GRPOConfig(**spec.config)
+    cfg = GRPOSection(**spec.config)
     seed_everything(spec.seed)
     device = pick_device(spec.device)
     tokenizer = load_tokenizer(spec.inputs["model"], padding_side="left")

@@ -3,7 +3,8 @@
 Every reward has TRL's reward signature ``(completions, **columns) -> list[float | None]`` and
 returns ``None`` for a sample it cannot verify. Records carry ``task`` (``addition``,
 ``countdown``, ``gsm8k``, ``math``, ``reasoning_gym``), ``answer`` (the gold answer as text), for
-Countdown ``numbers``, and for reasoning-gym ``entry`` (the generated item its verifier reads). Completions follow R1's output format::
+Countdown ``numbers``, and for reasoning-gym ``entry`` (the generated item its verifier reads).
+Completions follow R1's output format::
 
     <think> reasoning </think>
     <answer> final answer </answer>

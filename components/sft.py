@@ -9,10 +9,9 @@ jsonl of R1-format traces (``inputs.data``); loss on the completion only.
 from __future__ import annotations
 
 from datasets import Dataset
-from trl import SFTConfig as TRLSFTConfig
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
 
-from components.config import SFTConfig
+from components.config import SFTSection
 from components.jsonl import load_jsonl
 from components.modeling import load_model, load_tokenizer, pick_device, render_prompt
 from components.stage_io import StageSpec, main, seed_everything, write_result
@@ -20,7 +19,7 @@ from components.trainer import callbacks, loss_summary, save_trained, train_resu
 
 
 def run(spec: StageSpec) -> dict:
-    cfg = SFTConfig(**spec.config)
+    cfg = SFTSection(**spec.config)
     seed_everything(spec.seed)
     device = pick_device(spec.device)
     tokenizer = load_tokenizer(spec.inputs["model"], padding_side="right")
@@ -29,7 +28,7 @@ def run(spec: StageSpec) -> dict:
         {"prompt": render_prompt(tokenizer, r["question"], spec.prompt_template), "completion": r["completion"]}
         for r in records
     ])
-    args = TRLSFTConfig(**trl_arguments(cfg, spec, device), max_length=cfg.max_length, completion_only_loss=True)
+    args = SFTConfig(**trl_arguments(cfg, spec, device), max_length=cfg.max_length, completion_only_loss=True)
     trainer = SFTTrainer(model=load_model(spec.inputs["model"], device, for_training=True), args=args,
                          train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks(spec))
     resumed = train_resumable(trainer, spec)

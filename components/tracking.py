@@ -187,7 +187,8 @@ class Tracker:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
-        items = [Metric(metric_name(k), float(v), _now_ms(), step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        items = [Metric(metric_name(k), float(v), _now_ms(), step) for k, v in metrics.items()
+                 if isinstance(v, (int, float))]
         for i in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[i : i + 1000])
 

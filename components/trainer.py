@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from components.config import TrainConfig
+from components.config import TrainSection
 from components.modeling import save_model, use_bf16
 from components.stage_io import (
     MetricsLog,
@@ -24,7 +24,7 @@ from components.stage_io import (
 )
 
 
-def trl_arguments(cfg: TrainConfig, spec: StageSpec, device: str) -> dict:
+def trl_arguments(cfg: TrainSection, spec: StageSpec, device: str) -> dict:
     """Arguments every TRL trainer here gets: bf16 autocast where ``runtime.precision`` resolves to
     it (by default on GPU only), and no gradient checkpointing (it doubled GRPO step time on CPU).
     Checkpoints are written every ``save_steps`` when the stage has a checkpoint folder."""

@@ -118,8 +118,9 @@ def _reported(what: str):
             logger.removeFilter(one_line)
 
 
+# Column headers that fit an 80-column terminal (a test renders the table).
 SHORT = {"lenient_pass@1": "lenient", "greedy_accuracy": "greedy", "format_rate": "format",
-         "language_consistency": "lang", "mean_length": "tokens"}  # headers that fit an 80-column terminal (a test renders it)
+         "language_consistency": "lang", "mean_length": "tokens"}
 
 
 def _figure(value) -> str:
@@ -190,7 +191,8 @@ def evaluate(model: str = typer.Argument(..., help="a registered NAME/VERSION or
 def rerun(run_id: str, config: Path | None = ConfigOption,
           tolerance: float = typer.Option(0.0, help="largest metric difference that still counts as reproduced; "
                                           "0 on CPU (same seeds, same kernels), e.g. 0.03 across GPUs"),
-          tracking_uri: str | None = typer.Option(None, help="MLflow store holding the run (default: the profile's)")) -> None:
+          tracking_uri: str | None = typer.Option(None, help="MLflow store holding the run (default: the "
+                                                  "profile's)")) -> None:
     """Reproduce a past pipeline run: its config, its DVC data version, then compare every eval metric."""
     _, _, place = _profile(config, None)
     from flows.reproduce import rerun as reproduce
@@ -205,7 +207,8 @@ def rerun(run_id: str, config: Path | None = ConfigOption,
     for column in ("metric", "recorded", "rerun", "match"):
         table.add_column(column)
     for c in comparisons:
-        table.add_row(c.metric, f"{c.recorded:.4f}", f"{c.reproduced:.4f}", "yes" if c.matches(tolerance) else "[red]NO")
+        match = "yes" if c.matches(tolerance) else "[red]NO"
+        table.add_row(c.metric, f"{c.recorded:.4f}", f"{c.reproduced:.4f}", match)
     console.print(table)
     if not comparisons or not all(c.matches(tolerance) for c in comparisons):
         _fail(f"not reproduced: {sum(not c.matches(tolerance) for c in comparisons)} metric(s) differ")
@@ -310,7 +313,8 @@ def servers(host: str = typer.Option("127.0.0.1", help="bind address (loopback u
     except (OSError, RuntimeError) as error:
         _fail(f"servers: {error} (logs in {folder})")
     keys = "as exported" if os.environ.get("AWS_SECRET_ACCESS_KEY") else f"source {folder / 's3.env'}"
-    print(f"# S3 (SeaweedFS) {stack.endpoint}, bucket {BUCKET}; MLflow {stack.tracking_uri}; Prefect {stack.prefect_api}\n"
+    print(f"# S3 (SeaweedFS) {stack.endpoint}, bucket {BUCKET}; MLflow {stack.tracking_uri}; "
+          f"Prefect {stack.prefect_api}\n"
           f"export AWS_ENDPOINT_URL_S3={stack.endpoint} PREFECT_API_URL={stack.prefect_api}\n"
           f"# credentials: {keys}\n"
           f"r1flow run --set store=s3://{BUCKET}/store --set tracking.tracking_uri={stack.tracking_uri}\n"

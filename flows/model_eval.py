@@ -118,8 +118,9 @@ def evaluate_model(model: str, benchmark: str, config: str | None = None, overri
     settings = profile.evaluate.model_copy(update={"limit": limit})
     inputs = {"model": Artifact(str(folder), model_key), "data": Artifact(str(data), file_sha256(data))}
     started = time.time()
-    run_id = tracker.start_run(f"eval {benchmark}: {model}", tags={
-        "model": model, "benchmark": benchmark, "data_hash": versioning.data_hash(place.root, profile.data_dir.as_posix())})
+    data_hash = versioning.data_hash(place.root, profile.data_dir.as_posix())
+    run_id = tracker.start_run(f"eval {benchmark}: {model}",
+                               tags={"model": model, "benchmark": benchmark, "data_hash": data_hash})
     tracker.log_params(run_id, {"evaluate": settings.model_dump(mode="json"), "model_folder": str(folder),
                                 "prompt_template": plain_template(profile)})
     try:

@@ -24,7 +24,8 @@ FILES = ("result.json", "metrics.json", "samples.jsonl", "stage.log")
 
 def record(tracker: Tracker, out: StageOutput, step: Step) -> None:
     """Tags, metrics and files of a stage output on its MLflow run."""
-    tracker.set_tags(out.run_id, {"stage_key": out.key, "cached": out.cached, "code_version": code_version(step.module)})
+    tracker.set_tags(out.run_id, {"stage_key": out.key, "cached": out.cached,
+                                  "code_version": code_version(step.module)})
     if not out.cached:  # a cache hit's curves and files are already on the run that produced them
         tracker.log_metrics_file(out.run_id, out.folder / "metrics.jsonl")
         for name in FILES:
