@@ -45,28 +45,19 @@ def pytest_configure(config):
     an ephemeral server per process. Each xdist worker has its own; the controller none."""
     if config.getoption("numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
         return
-    import socket
-    import sys
-    import time
-    import urllib.request
+    from flows.servers import BIN, free_port, wait_for  # it imports only the standard library
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     log = (_SESSION / "prefect-server.log").open("w")
     config._prefect_server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env={**os.environ, "PREFECT_HOME": str(_SESSION / "prefect-server")}, stdout=log, stderr=subprocess.STDOUT)
     api = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=2):
-                break
-        except OSError:
-            assert config._prefect_server.poll() is None and time.time() < deadline, \
-                f"the session's Prefect server did not start: {_SESSION / 'prefect-server.log'}"
-            time.sleep(0.5)
+    try:
+        wait_for(f"{api}/health", config._prefect_server, 180)
+    except (RuntimeError, TimeoutError) as error:
+        config._prefect_server.kill()
+        raise RuntimeError(f"the session's Prefect server did not start ({error}): {log.name}") from None
     os.environ["PREFECT_API_URL"] = api
 
 

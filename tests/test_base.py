@@ -5,10 +5,12 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import small_gguf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from components import base
 from components.addition import WORK_HINT, held_out
+from components.base import gguf_provenance
 from components.config import ModelConfig, load_profile
 from components.rewards import format_reward
 
@@ -80,3 +82,15 @@ def test_gguf_smollm2_converts_to_a_safetensors_folder(tmp_path):
     assert getattr(model.config, "quantization_config", None) is None
     from transformers.trainer_utils import validate_quantization_for_training
     validate_quantization_for_training(model)
+
+
+def test_a_gguf_file_is_checked_against_its_pinned_sha256(tmp_path):
+    path = small_gguf(tmp_path / "model.gguf")
+    config = ModelConfig(source="gguf", path=str(tmp_path), gguf_file="model.gguf")
+    found = gguf_provenance(config, path)
+    assert found["header_name"] == "planted" and found["pinned"] is False and len(found["sha256"]) == 64
+    pinned = config.model_copy(update={"sha256": found["sha256"]})
+    assert gguf_provenance(pinned, path)["pinned"] is True
+    path.write_bytes(path.read_bytes()[:-1] + b"\x01")  # one byte of the weights changed
+    with pytest.raises(ValueError, match=r"model\.gguf: sha256 [0-9a-f]{64} differs from base\.sha256"):
+        gguf_provenance(pinned, path)

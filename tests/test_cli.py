@@ -1,12 +1,14 @@
 """The CLI turns what a user can get wrong into one line and a non-zero exit, before any work."""
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.recipe import EVALUATED, PARENTS, REGISTERED, STAGES, downstream, recipe_step, upstream
 
 runner = CliRunner()
 
@@ -25,35 +27,6 @@ def test_deploy_needs_a_prefect_server(monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     result = runner.invoke(app, ["deploy"])
     assert result.exit_code == 2 and "PREFECT_API_URL" in result.output
-
-
-def test_the_recipe_graph_knows_what_a_stage_reads_and_what_reads_it():
-    assert upstream("r1_sft") == {"base", "rejection_sampling", "r1_rl", "cold_start", "data"}
-    assert upstream("r1_final") == {"r1_sft", *upstream("r1_sft")}  # R1's last RL starts from its SFT model
-    assert downstream("cold_start") == {"r1_rl", "rejection_sampling", "r1_sft", "r1_final", "student",
-                                        "student_no_traces", "eval_cold_start", "eval_r1_rl", "eval_r1_sft",
-                                        "eval_r1_final", "eval_student", "eval_student_no_traces"}
-    assert downstream("r1_sft") == {"r1_final", "eval_r1_sft", "eval_r1_final"}  # distillation reads the traces
-    assert downstream("eval_r1_final") == set() and upstream("base") == set()
-    assert STAGES[0] == "data" and len(STAGES) == len(set(STAGES)) == 20  # eval_student_base too
-
-
-def test_the_final_rl_is_grpo_on_the_sft_model_evaluated_registered_and_its_child():
-    step = recipe_step("r1_final")
-    assert (step.module, step.section) == ("grpo", "final_rl")
-    assert step.inputs == {"model": "r1_sft", "data": "data/train", "heldout": "data/validation"}
-    assert PARENTS["r1_final"] == "r1_sft" and {"r1_sft", "r1_final"} <= set(EVALUATED) & set(REGISTERED)
-    assert REGISTERED.index("r1_sft") < REGISTERED.index("r1_final")  # a parent registers first
-    assert recipe_step("student").inputs["data"] == "rejection_sampling/train"  # distillation: still the traces
-
-
-def test_every_stage_has_its_deployment():
-    """A stage the pipeline sends to `r1flow-stage/{stage}` must be deployed (infra/prefect.yaml)."""
-    import yaml
-
-    deployments = yaml.safe_load((Path(__file__).parents[1] / "infra" / "prefect.yaml").read_text())["deployments"]
-    stages = {d["parameters"]["stage"]: d["name"] for d in deployments if d["entrypoint"].endswith(":stage_flow")}
-    assert set(stages) == set(STAGES) and all(name == stage for stage, name in stages.items())
 
 
 def test_the_results_table_keeps_readable_headers_at_80_columns(monkeypatch):
@@ -77,3 +50,26 @@ def test_the_results_table_keeps_readable_headers_at_80_columns(monkeypatch):
     assert header.split() == ["model", "pass@1", "lenient", "cons@4", "greedy", "format", "lang", "tokens", "ver"]
     assert "student_no_traces" in text and "v12 ★" in text
     assert next(line for line in text.splitlines() if line.startswith("base")).split()[1] == "0.000"  # an int 0
+
+
+def test_cli_reports_a_bad_config_in_one_line_without_traceback(tmp_path):
+    (tmp_path / "p.yaml").write_text("grpo:\n  learning_rate: fast\n")
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(tmp_path / "p.yaml")],
+                          capture_output=True, text=True, check=False, cwd=Path(__file__).parents[1])
+    output = (done.stdout + done.stderr).strip()
+    assert done.returncode == 2
+    assert "Traceback" not in output
+    assert "grpo.learning_rate" in output and len(output.splitlines()) == 1
+
+
+def test_cli_help_lists_commands():
+    """The help's Commands panel names every command by its exact name (``rerun`` is not ``run``)."""
+    from typer.main import get_command
+
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    panel = done.stdout.partition(" Commands ")[2]
+    listed = re.findall(r"^[│|] ([a-z][\w-]*) ", panel, re.MULTILINE)  # a command starts a row; wrapped text does not
+    commands = {name for name, command in get_command(app).commands.items() if not command.hidden}
+    assert {"run", "ui"} <= commands and sorted(listed) == sorted(commands), done.stdout

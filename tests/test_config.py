@@ -1,23 +1,49 @@
-import subprocess
-import sys
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
-from components.config import ConfigError, Profile, load_profile
+from components.config import ConfigError, Profile, load_profile, plain_template
+from components.modeling import build_tiny_tokenizer, render_prompt
 
 CONFIGS = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
 GSM8K = Path(__file__).parents[1] / "sources" / "gsm8k" / "test.jsonl.gz"
 
 
+def _set_in(raw: dict, keys: tuple = ()):
+    """(keys, value) for every value a profile file sets: an empty mapping is a value too."""
+    for key, value in raw.items():
+        if isinstance(value, dict) and value:
+            yield from _set_in(value, (*keys, key))
+        else:
+            yield (*keys, key), value
+
+
+def test_every_shipped_profile_is_checked():
+    assert {"default.yaml", "micro.yaml"} <= {p.name for p in CONFIGS}  # the glob below finds the profiles
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_profile_loads(path):
-    assert isinstance(load_profile(path), Profile)
+def test_every_shipped_profile_loads_with_the_values_its_file_sets(path):
+    """Every value the file sets is the loaded profile's: none dropped, renamed or changed on the way."""
+    raw = yaml.safe_load(path.read_text())
+    profile = load_profile(path)
+    assert isinstance(profile, Profile) and raw and profile.name == raw["name"]
+    loaded = profile.model_dump(mode="json")
+    differs = {}
+    for keys, value in _set_in(raw):
+        found = loaded
+        for key in keys:
+            found = found.get(key, "<missing>") if isinstance(found, dict) else "<missing>"
+        if isinstance(value, str) and isinstance(found, float):  # YAML 1.1 reads 5e-5 as a string
+            value = float(value)
+        if found != value:
+            differs[".".join(keys)] = (value, found)
+    assert not differs, differs
 
 
 def test_accelerate_configs_are_deepspeed_launch_files():
-    import yaml
-
     files = sorted(Path(__file__).parents[1].glob("configs/accelerate/*.yaml"))
     assert files
     for path in files:
@@ -72,25 +98,28 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_profile(tmp_path / "bad.yaml")
 
 
-def test_cli_reports_a_bad_config_in_one_line_without_traceback(tmp_path):
-    (tmp_path / "p.yaml").write_text("grpo:\n  learning_rate: fast\n")
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(tmp_path / "p.yaml")],
-                          capture_output=True, text=True, check=False, cwd=Path(__file__).parents[1])
-    output = (done.stdout + done.stderr).strip()
-    assert done.returncode == 2
-    assert "Traceback" not in output
-    assert "grpo.learning_rate" in output and len(output.splitlines()) == 1
-
-
-def test_cli_help_lists_commands():
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=False,
-                          cwd=Path(__file__).parents[1])
-    assert done.returncode == 0 and "run" in done.stdout and "ui" in done.stdout
-
-
 def test_a_file_source_with_a_column_mapping_loads(tmp_path):
     (tmp_path / "qa.csv").write_text("q,a\nWhat is 1 + 2?,3\n")
     profile = load_profile(None, ["data.source=file", "data.task=math", "data.answer_format=plain",
                                   f"data.train_path={tmp_path / 'qa.csv'}", f"data.test_path={tmp_path / 'qa.csv'}",
                                   "data.columns={question: q, answer: a}"])
     assert profile.data.columns == {"question": "q", "answer": "a"} and profile.data.task == "math"
+
+
+def test_a_worked_example_turn_in_the_prompt_template(tmp_path):
+    turns = [{"role": "user", "content": "2 + 2 = ?"}, {"role": "assistant", "content": "<answer>4</answer>"},
+             {"role": "user", "content": "{question} Braces {stay}."}]
+    config = tmp_path / "p.yaml"
+    config.write_text(json.dumps({"prompt_template": turns}))
+    profile = load_profile(config)
+    assert plain_template(profile) == turns
+    text = render_prompt(build_tiny_tokenizer(), "3 + 5 = ?", plain_template(profile))
+    assert text == ("<|im_start|>user\n2 + 2 = ?<|im_end|>\n<|im_start|>assistant\n<answer>4</answer><|im_end|>\n"
+                    "<|im_start|>user\n3 + 5 = ? Braces {stay}.<|im_end|>\n<|im_start|>assistant\n")
+    # the old single-string template renders as before
+    assert render_prompt(build_tiny_tokenizer(), "q", "{question}") == (
+        "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n")
+    config.write_text(json.dumps({"prompt_template": turns[:2]}))
+    missing = r"prompt_template must contain \{question\} \(in its last turn, a user turn\)"
+    with pytest.raises(ConfigError, match=missing):
+        load_profile(config)

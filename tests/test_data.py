@@ -69,7 +69,8 @@ def test_build_datasets_reads_any_file_through_a_column_mapping(tmp_path):
     rows(pairs[:-3]).to_parquet(tmp_path / "train.parquet")
     rows(pairs[-3:] + pairs[:1]).to_csv(tmp_path / "test.csv", index=False)  # one test problem also in train
     cfg = DataConfig(source="file", task="gsm8k", answer_format="plain", train_path=tmp_path / "train.parquet",
-                     test_path=tmp_path / "test.csv", columns={"question": "prompt", "answer": "sum", "solution": "work"},
+                     test_path=tmp_path / "test.csv",
+                     columns={"question": "prompt", "answer": "sum", "solution": "work"},
                      n_validation=2, cold_start_size=5)
     report = build_datasets(cfg, 0, tmp_path / "out")
     assert report == {"source": "file", "decontaminated": 1, "train": 12, "validation": 2, "test": 4, "cold_start": 5}

@@ -4,7 +4,7 @@ profile maps (``data.source: file``) feeds every stage, as the synthetic source 
 from pathlib import Path
 
 import pytest
-from pipeline_checks import EVALS, check_runs
+from helpers import EVALS, check_runs
 
 from components.addition import addition_work
 from components.config import load_profile

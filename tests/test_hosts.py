@@ -1,6 +1,6 @@
 """Workers that share nothing but the servers: the micro profile across separate hosts.
 
-Each host is a network namespace made here (``tests/hosts.py``) with its own copy of the repository,
+Each host is a network namespace made here (``helpers.Hosts``) with its own copy of the repository,
 at its own path, and its own workspace. They share only SeaweedFS (the S3 stage store), the MLflow
 server (PostgreSQL, artifacts in the bucket) and the Prefect server, all started by
 ``flows.servers`` on the test's bridge address. The cpu host orchestrates; the gpu host's worker
@@ -21,9 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hosts import Hosts
-from pipeline_checks import check_registry, check_report, check_runs
-from test_servers import _drop_database, _postgres_database
+from helpers import Hosts, check_registry, check_report, check_runs, drop_database, postgres_database
 
 from components.config import load_profile
 from components.store import Store
@@ -36,7 +34,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
 STORE = "s3://r1flow/store"
-TRAINED = ("r1_zero", "r1_rl", "r1_final")  # the GRPO stages, sent to the gpu pool (each flow run there costs ~20 s here)
+# The GRPO stages, sent to the gpu pool (each flow run there costs ~20 s here).
+TRAINED = ("r1_zero", "r1_rl", "r1_final")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,7 @@ def cluster(tmp_path_factory):
           f"hosts: network namespaces refused ({hosts.reason!s:.200}); hosts are folders on 127.0.0.1")
     # Credentials a test can search for afterwards: they must appear in no record of the run.
     keys = {"AWS_ACCESS_KEY_ID": f"r1key{secrets.token_hex(6)}", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20)}
-    database = _postgres_database()
+    database = postgres_database()
     backend = (f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}" if database
                else f"sqlite:///{folder / 'mlflow.db'}")
     servers, test_env = None, pytest.MonkeyPatch()
@@ -73,7 +72,8 @@ def cluster(tmp_path_factory):
             **base, **stack.environment(), "R1FLOW_ROOT": str(hosts.root(name) / "root"),
             "PREFECT_HOME": str(hosts.root(name) / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_LOGGING_LOG_PRINTS": "true", "PREFECT_WORKER_QUERY_SECONDS": "1",
-            "MLFLOW_DISABLE_TELEMETRY": "true", **({"PYTHONPATH": str(hosts.root(name) / f"r1flow-{name}")} if copy else {})}
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            **({"PYTHONPATH": str(hosts.root(name) / f"r1flow-{name}")} if copy else {})}
         deployed = hosts.run("cpu", [str(BIN / "r1flow"), "deploy", "--store", STORE], env("cpu"),
                              hosts.root("cpu") / "r1flow-cpu", timeout=300)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
@@ -87,7 +87,7 @@ def cluster(tmp_path_factory):
             servers.send_signal(signal.SIGINT)
             servers.wait(timeout=120)
         if database:
-            _drop_database(database)
+            drop_database(database)
 
 
 def start_servers(stack: Stack, backend: str, folder: Path) -> subprocess.Popen:
@@ -219,7 +219,8 @@ def test_grpo_killed_on_one_host_resumes_on_another_from_the_store(cluster, pipe
     assert run.state.is_completed(), run.state
     result = json.loads(store.fs.cat_file(store.path(f"stages/r1_zero/{key}/result.json")))
     assert result["resumed_from_step"] >= 4 and result["steps"] == 40
-    assert not any(store.manifest(f"checkpoints/r1_zero/{key}/{c}") for c in store.folders(f"checkpoints/r1_zero/{key}"))
+    checkpoints = f"checkpoints/r1_zero/{key}"
+    assert not any(store.manifest(f"{checkpoints}/{c}") for c in store.folders(checkpoints))
     # Registered once: the pipeline on a third host reuses the resumed stage, and a second run adds nothing.
     sets = [arg for o in [*longer, "stages=[eval_r1_zero]"] for arg in ("--set", o)]
     first, second = r1flow(cluster, "third", sets), r1flow(cluster, "third", sets)

@@ -65,3 +65,12 @@ def test_the_images_pin_what_the_project_pins():
     assert f"torch=={project['torch']}" in orchestrator and "-c constraints.txt" in orchestrator
     image = (INFRA / "stage.Containerfile").read_text()
     assert "-r /tmp/stage-requirements.txt" in image and "--no-deps /opt/r1flow" in image
+
+
+def test_every_stage_has_its_deployment():
+    """A stage the pipeline sends to `r1flow-stage/{stage}` must be deployed (infra/prefect.yaml)."""
+    import yaml
+
+    deployments = yaml.safe_load((Path(__file__).parents[1] / "infra" / "prefect.yaml").read_text())["deployments"]
+    stages = {d["parameters"]["stage"]: d["name"] for d in deployments if d["entrypoint"].endswith(":stage_flow")}
+    assert set(stages) == set(STAGES) and all(name == stage for stage, name in stages.items())

@@ -7,11 +7,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from components import versioning
+from components.config import load_profile
+from components.data import build_datasets
 from components.jsonl import load_jsonl
 from components.tracking import Tracker
 from flows.workspace import default_uri
 
-MICRO = str(Path(__file__).parents[1] / "configs" / "micro.yaml")
+PROJECT = Path(__file__).parents[1]
+MICRO = str(PROJECT / "configs" / "micro.yaml")
 SETTINGS = {"config": MICRO, "overrides": ["runtime.device=cpu"]}
 
 
@@ -24,7 +27,8 @@ def test_eval_imports_versions_and_scores_with_per_sample_records(tmp_path, tiny
     assert versioning.remote_status(tmp_path) == {}  # versioned with DVC and pushed
     samples = load_jsonl(Path(result["samples"]))
     k = 2  # micro profile: evaluate.k
-    assert len(samples) == 3 * k and {s["id"] for s in samples} == {f"countdown-countdown_cd3_test-{i}" for i in range(3)}
+    assert len(samples) == 3 * k
+    assert {s["id"] for s in samples} == {f"countdown-countdown_cd3_test-{i}" for i in range(3)}
     assert all({"completion", "answer", "gold", "correct", "format", "tokens"} <= set(s) for s in samples)
     assert result["metrics"]["prompts"] == 3
     assert result["metrics"]["pass@1"] == sum(s["correct"] for s in samples) / len(samples)
@@ -65,3 +69,16 @@ def test_eval_bad_input_names_what_is_wrong(tmp_path, model, benchmark, message)
 
     with pytest.raises(ValueError, match=message):
         evaluate_model(model=model, benchmark=benchmark, root=str(tmp_path), **SETTINGS)
+
+
+def test_eval_benchmark_reasoning_gym_is_the_pipelines_own_test_split(tmp_path):
+    from flows.model_eval import benchmark_name, benchmark_records
+
+    profile = load_profile(PROJECT / "configs" / "smollm2-gym.yaml", ["data.n_test=12"])
+    records = benchmark_records(profile, "reasoning_gym")
+    build_datasets(profile.data, profile.seed, tmp_path)
+    assert records == load_jsonl(tmp_path / "test.jsonl")
+    other = load_profile(PROJECT / "configs" / "smollm2-gym.yaml", ["data.n_test=12", "data.seed=7"])
+    assert benchmark_name(other, "reasoning_gym") != benchmark_name(profile, "reasoning_gym")  # a file per seed
+    with pytest.raises(ValueError, match="this profile has none; pass --config with one"):
+        benchmark_name(load_profile(PROJECT / "configs" / "micro.yaml"), "reasoning_gym")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hosts import Hosts
+from helpers import Hosts
 from transformers import AutoModelForCausalLM
 
 from flows.servers import Ports, Stack, free_port, prefect_server, seaweedfs, stop, wait_for
@@ -27,8 +27,8 @@ BIN = Path(sys.executable).parent
 def machines(tmp_path_factory):
     folder = tmp_path_factory.mktemp("machines")
     hosts = Hosts(folder, ["m0", "m1"])
-    print("machines: network namespaces" if hosts.isolated else f"machines: namespaces refused ({hosts.reason!s:.200}); "
-          "folders on 127.0.0.1")
+    print("machines: network namespaces" if hosts.isolated else
+          f"machines: namespaces refused ({hosts.reason!s:.200}); folders on 127.0.0.1")
     keys = {"AWS_ACCESS_KEY_ID": "mm", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16)}
     stack = Stack(hosts.address, Ports(free_port(hosts.address), 0, free_port(hosts.address)), keys)
     servers = []

@@ -4,16 +4,8 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import EVALS, REGISTERED, STAGES, check_registry, check_report, check_runs, child_runs
 from mlflow.tracking import MlflowClient
-from pipeline_checks import (
-    EVALS,
-    REGISTERED,
-    STAGES,
-    check_registry,
-    check_report,
-    check_runs,
-    child_runs,
-)
 from transformers import AutoModelForCausalLM
 
 from components import versioning
@@ -210,11 +202,13 @@ def test_rerun_on_a_fresh_clone_restores_the_data_and_reproduces_every_metric(fi
     import shutil
 
     from flows.reproduce import rerun
+    from flows.workspace import locate
 
     root, summary = first_run
     clone = tmp_path / "clone"  # only the DVC remote and the tracking store are shared with the original
     shutil.copytree(root / ".r1flow" / "dvc-remote", clone / ".r1flow" / "dvc-remote")
-    reproduced, comparisons, _ = rerun(summary["run_id"], clone, summary["tracking_uri"])
+    place = locate(load_profile(MICRO), clone)  # its own workspace; the run is in the original's store
+    reproduced, comparisons, _ = rerun(summary["run_id"], place, summary["tracking_uri"])
     data_key = child_runs(summary)["data"].data.tags["stage_key"]
     for name in ("train", "validation", "test"):
         original = root / ".r1flow" / "stages" / "data" / data_key / f"{name}.jsonl"

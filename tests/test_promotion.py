@@ -61,8 +61,9 @@ def test_the_checks_need_a_gain_over_the_parent_and_the_champion_on_the_same_eva
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
-    """A real MLflow store (one per module: a new store migrates for seconds); ``version(name, correct)`` registers a version whose evaluation run kept
-    per-sample records with ``correct`` of 200 prompts right (k=2 samples each)."""
+    """A real MLflow store (one per module: a new store migrates for seconds); ``version(name, correct)``
+    registers a version whose evaluation run kept per-sample records with ``correct`` of 200 prompts
+    right (k=2 samples each)."""
     tmp_path = tmp_path_factory.mktemp("registry")
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "r1flow", tmp_path / "artifacts")
     model = tmp_path / "model"
@@ -109,7 +110,8 @@ def test_a_clear_paired_gain_is_promoted_and_plus_one_point_is_not(registry):
     assert [c.name for c in checks if not c.passed] == ["beats the champion"]
     assert tracker.champion("r1flow-r1-sft").version == "1"
     reason = tracker.version("r1flow-r1-sft", noise.version).tags["promotion"]
-    assert reason.startswith("kept as candidate: beats the champion: +0.010 pass@1") and "vs champion r1flow-r1-sft/1" in reason
+    assert reason.startswith("kept as candidate: beats the champion: +0.010 pass@1")
+    assert "vs champion r1flow-r1-sft/1" in reason
 
     clear = version("r1flow-r1-sft", correct=175, parent_correct=100)
     assert passed(review(tracker, clear, GATE))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import stage_processes, wait_until
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
@@ -59,18 +60,6 @@ def test_resumed_pretraining_ends_exactly_where_an_uninterrupted_one_does(tmp_pa
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
-def _stage_processes(root: Path) -> list[int]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "components." in text and str(root) in text:
-            found.append(int(cmdline.parent.name))
-    return found
-
-
 @pytest.mark.slow
 def test_sigkill_mid_grpo_then_the_same_command_resumes_from_the_last_checkpoint(tmp_path):
     # GRPO and what the resume can disturb: the stages before it (cached on the second run), both
@@ -82,15 +71,12 @@ def test_sigkill_mid_grpo_then_the_same_command_resumes_from_the_last_checkpoint
     stages = tmp_path / ".r1flow" / "stages"
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
-    deadline = time.time() + 600
-    while not list(stages.glob("r1_zero/.checkpoints-*/checkpoint-*")):
-        assert first.poll() is None and time.time() < deadline, "the pipeline ended before GRPO checkpointed"
-        time.sleep(0.1)
+    wait_until(lambda: list(stages.glob("r1_zero/.checkpoints-*/checkpoint-*")), 600, "a GRPO checkpoint", first)
     os.kill(first.pid, signal.SIGKILL)  # the pipeline process only: its stage must die with it
     first.wait()
     checkpoint = latest_checkpoint(next(stages.glob("r1_zero/.checkpoints-*")))
     time.sleep(2)
-    assert _stage_processes(tmp_path) == []  # no orphaned GRPO writing on
+    assert stage_processes(tmp_path) == []  # no orphaned GRPO writing on
     with contextlib.suppress(ProcessLookupError):
         os.killpg(first.pid, signal.SIGKILL)  # what else the crash orphaned: Prefect's temporary server
     logged = [json.loads(line)["step"] for line in

@@ -5,7 +5,7 @@ import json
 from components import evaluate, rejection_sampling
 from components.generation import Completion, Sampling, generate
 from components.modeling import load_tokenizer, render_prompt
-from components.rewards import extract_answer, is_correct
+from components.rewards import extract_answer, is_correct, last_number
 from components.stage_io import StageSpec
 
 RIGHT = "<think>\n1+1=2\n</think>\n<answer>2</answer>"
@@ -68,3 +68,16 @@ def test_rejection_sampling_stage_reports_acceptance(tiny_base, micro_data, tmp_
     assert [a["id"] for a in answers] == [k["id"] for k in kept]
     assert all(a["completion"] == f"<think>\n</think>\n<answer>{extract_answer(k['completion'])}</answer>"
                for a, k in zip(answers, kept))
+
+
+def test_lenient_pass_at_1_grades_the_last_number_beside_strict():
+    records = [{"id": "a", "task": "addition", "question": "2+2", "answer": "4"}]
+    c = lambda text: Completion(text, 5, True)
+    sampled = [[c("<think>2+2</think><answer>4</answer>"), c("2 + 2 = 4"), c("it is 5"), c("<answer>4</answer> 3")]]
+    metrics, _ = evaluate.score(records, sampled, [[c("4")]])
+    assert metrics["pass@1"] == 0.5  # the tagged answers: 4, and 4 (the last tag, lenient extraction)
+    assert metrics["lenient_pass@1"] == 0.5  # the last numbers: 4, 4, 5, 3
+    assert last_number("x = -1,200.") == "-1200"
+    fraction = [{"id": "f", "task": "math", "question": "1/2?", "answer": "\\frac{1}{2}"}]
+    metrics, _ = evaluate.score(fraction, [[c("<answer>\\frac{1}{2}</answer>")]], [[c("")]])
+    assert metrics["lenient_pass@1"] == metrics["pass@1"] == 1.0  # not "2", the last number

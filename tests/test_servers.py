@@ -1,6 +1,6 @@
 """Integration: the pipeline deployed to a real Prefect server and run by process workers (GPU
 stages on the `gpu` pool), tracked by a real MLflow server backed by PostgreSQL; the same
-assertions as against the local store (``pipeline_checks``)."""
+assertions as against the local store (``helpers.check_runs`` and the rest)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,19 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 import warnings
 from pathlib import Path
 
 import pytest
-from pipeline_checks import check_registry, check_report, check_runs
-from test_cli_ui import _free_port, _wait_for
+from helpers import POSTGRES, check_registry, check_report, check_runs, drop_database, postgres_database
+
+from flows.servers import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
 MICRO = str(ROOT / "configs" / "micro.yaml")
-POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "dbname": "postgres"}
 
 
 def _start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -41,54 +40,28 @@ def _stop(process: subprocess.Popen) -> None:
         pass
 
 
-def _postgres_database() -> str | None:
-    """A fresh database on the machine's PostgreSQL, or None where none answers on 127.0.0.1."""
-    import psycopg2
-
-    try:
-        connection = psycopg2.connect(**POSTGRES, connect_timeout=3)
-    except psycopg2.OperationalError:
-        return None
-    name = f"r1flow_test_{uuid.uuid4().hex[:8]}"
-    connection.autocommit = True
-    with connection.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {name}")
-    connection.close()
-    return name
-
-
-def _drop_database(name: str) -> None:
-    import psycopg2
-
-    connection = psycopg2.connect(**POSTGRES)
-    connection.autocommit = True
-    with connection.cursor() as cursor:
-        cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    connection.close()
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` on 127.0.0.1 over PostgreSQL; SQLite, with a warning, where there is none."""
     folder = tmp_path_factory.mktemp("mlflow-server")
-    database = _postgres_database()
+    database = postgres_database()
     if database:
         backend = f"postgresql+psycopg2://{POSTGRES['user']}@127.0.0.1:5432/{database}"
     else:
         backend = f"sqlite:///{folder / 'mlflow.db'}"
         warnings.warn("no PostgreSQL answers on 127.0.0.1:5432: the MLflow server runs on SQLite", stacklevel=1)
     print(f"MLflow server backend: {backend}")
-    port = _free_port()
+    port = free_port()
     server = _start([str(BIN / "mlflow"), "server", "--backend-store-uri", backend, "--artifacts-destination",
                      str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
                     {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, folder / "server.log")
     try:
-        _wait_for(f"http://127.0.0.1:{port}/health", 180)
+        wait_for(f"http://127.0.0.1:{port}/health", server, 180)
         yield f"http://127.0.0.1:{port}", backend
     finally:
         _stop(server)
         if database:
-            _drop_database(database)
+            drop_database(database)
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +69,14 @@ def prefect_server(tmp_path_factory):
     """A Prefect server on 127.0.0.1, the deployments registered by `r1flow deploy`, and one
     process worker on each pool; yields the API URL and the environment clients need."""
     folder = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     common = {**base, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LOG_PRINTS": "true"}
     processes = [_start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                         {**common, "PREFECT_HOME": str(folder / "server")}, folder / "server.log")]
     try:
-        _wait_for(f"{api}/health", 180)
+        wait_for(f"{api}/health", processes[0], 180)
         client_env = {**common, "PREFECT_HOME": str(folder / "client"), "PREFECT_API_URL": api}
         deployed = subprocess.run([str(BIN / "r1flow"), "deploy"], cwd=ROOT, env=client_env, capture_output=True,
                                   text=True, timeout=300, check=False)

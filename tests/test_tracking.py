@@ -43,5 +43,6 @@ def test_register_sets_candidate_and_keeps_the_folder_loadable(tracker, random_m
 
 
 def test_names_and_flattening():
-    assert metric_name("pass@1") == "pass_at_1" and metric_name("rewards/format_reward/mean") == "rewards/format_reward/mean"
+    assert metric_name("pass@1") == "pass_at_1"
+    assert metric_name("rewards/format_reward/mean") == "rewards/format_reward/mean"
     assert flatten({"a": {"b": 1, "c": {}}, "d": 2}) == {"a.b": 1, "a.c": {}, "d": 2}

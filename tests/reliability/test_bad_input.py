@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import small_gguf
 
 from components.config import ModelConfig, load_profile
 from flows.keys import inputs_of
@@ -302,31 +303,13 @@ def test_a_model_folder_asking_for_remote_code_is_refused_without_running_it(tmp
     assert not marker.exists()
 
 
-def _gguf(path: Path) -> Path:
-    """A small valid GGUF file: a little metadata and two float32 tensors."""
-    import numpy as np
-    from gguf import GGUFWriter
-
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_name("planted")
-    writer.add_token_list([f"t{i}" for i in range(50)])
-    writer.add_token_scores([0.0] * 50)
-    writer.add_tensor("token_embd.weight", np.ones((50, 16), dtype=np.float32))
-    writer.add_tensor("output_norm.weight", np.ones(16, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 def test_a_truncated_gguf_file_is_refused_in_one_line(tmp_path):
     """A GGUF file cut inside its tensor data is refused by the base stage in one line naming the
     file, its size and the size its tensor table needs; one cut inside its metadata is refused
     naming the metadata key; the whole file passes the check."""
     from components.base import check_gguf
 
-    whole = _gguf(tmp_path / "whole.gguf").read_bytes()
+    whole = small_gguf(tmp_path / "whole.gguf").read_bytes()
     check_gguf(tmp_path / "whole.gguf")
     (tmp_path / "short.gguf").write_bytes(whole[:60])
     cut = (r"short\.gguf: GGUF file cut short \(60 bytes\) inside metadata "

@@ -9,17 +9,18 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import finish, stage_processes, wait_until
 from mlflow.tracking import MlflowClient
 
 from components.stage_io import keep_checkpoint, latest_checkpoint, resume_from
 from components.store import damage
+from flows.servers import free_port
 
 PROJECT = Path(__file__).resolve().parents[2]
 MICRO = str(PROJECT / "configs" / "micro.yaml")
@@ -34,15 +35,6 @@ def r1flow(root: Path, *args: str, env: dict | None = None, **popen) -> subproce
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **popen)
 
 
-def finish(process: subprocess.Popen, timeout: float = 900) -> str:
-    try:
-        out, _ = process.communicate(timeout=timeout)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-    return out
-
-
 def mlflow(root: Path) -> tuple[MlflowClient, str]:
     client = MlflowClient(f"sqlite:///{root / '.r1flow' / 'mlflow.db'}")
     return client, client.get_experiment_by_name("r1flow").experiment_id
@@ -52,14 +44,6 @@ def versions(root: Path) -> dict[str, list[str]]:
     client, _ = mlflow(root)
     return {m.name: sorted(str(v.version) for v in client.search_model_versions(f"name = '{m.name}'"))
             for m in client.search_registered_models()}
-
-
-def wait_for(condition, process: subprocess.Popen, what: str, seconds: float = 600) -> None:
-    deadline = time.time() + seconds
-    while not condition():
-        assert process.poll() is None, f"the run ended before {what}:\n{finish(process)[-3000:]}"
-        assert time.time() < deadline, f"no {what} within {seconds} s"
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +98,7 @@ def test_file_lock_makes_a_second_holder_wait_without_a_prefect_server(tmp_path)
 def test_unreachable_mlflow_fails_in_seconds_naming_the_uri_before_any_training(tmp_path):
     """With tracking.tracking_uri pointing where nothing listens, `r1flow run` ends within 10 s with
     one line naming the URI, no traceback, and no stage started."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        uri = f"http://127.0.0.1:{probe.getsockname()[1]}"  # closed again: nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # closed again: nothing listens there
     started = time.time()
     out = finish(r1flow(tmp_path, "--set", f"tracking.tracking_uri={uri}"), timeout=120)
     seconds = time.time() - started
@@ -133,13 +115,13 @@ def test_sigterm_stops_the_stage_fails_its_mlflow_run_keeps_the_checkpoint_and_t
     args = ["--set", "grpo.max_steps=12", "--set", "grpo.save_steps=3", "--set", "stages=[r1_zero]"]
     stages = tmp_path / ".r1flow" / "stages"
     first = r1flow(tmp_path, *args)
-    wait_for(lambda: list(stages.glob("r1_zero/.checkpoints-*/checkpoint-*")), first, "a GRPO checkpoint")
+    wait_until(lambda: list(stages.glob("r1_zero/.checkpoints-*/checkpoint-*")), 600, "a GRPO checkpoint", first)
     os.kill(first.pid, signal.SIGTERM)
     finish(first, timeout=60)
     checkpoint = latest_checkpoint(next(stages.glob("r1_zero/.checkpoints-*")))
     assert checkpoint is not None
     assert not list(stages.glob("r1_zero/.tmp-*")) and not list(stages.glob("r1_zero/[!.]*"))
-    assert _stage_processes(tmp_path) == []
+    assert stage_processes(tmp_path) == []
     client, experiment = mlflow(tmp_path)
     grpo = client.search_runs([experiment], "attributes.run_name = 'r1_zero'")
     assert [r.info.status for r in grpo] == ["FAILED"]
@@ -151,16 +133,6 @@ def test_sigterm_stops_the_stage_fails_its_mlflow_run_keeps_the_checkpoint_and_t
     assert again.returncode == 0, out[-3000:]
     finished = client.search_runs([experiment], "attributes.run_name = 'r1_zero' and attributes.status = 'FINISHED'")
     assert finished[0].data.metrics["resumed_from_step"] >= int(checkpoint.name.split("-")[1])
-
-
-def _stage_processes(root: Path) -> list[int]:
-    """Live processes running a stage of this root (their spec file is under it)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            if proc.name.isdigit() and str(root) in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                found.append(int(proc.name))
-    return found
 
 
 SAVER = """
@@ -234,7 +206,12 @@ def test_a_full_disk_fails_the_stage_in_one_line_naming_the_folder_and_keeps_ear
     errors = [line for line in out.splitlines() if "pipeline failed" in line]
     assert errors and "no space left" in errors[-1] and str(small_disk) in errors[-1], out[-3000:]
     assert "Traceback" not in out
-    assert not list(stages.glob("cold_start/*")) or all(p.name.startswith(".checkpoints") for p in stages.glob("cold_start/*"))
+    # No partial stage folder: no output and no scratch left, at most the checkpoints kept so far, each whole
+    # (the Trainer writes trainer_state.json last; a checkpoint the full disk cut short is never kept).
+    left = list(stages.glob("cold_start/*"))
+    assert all(p.name.startswith(".checkpoints-") for p in left), left
+    kept = [c for p in left for c in p.iterdir()]
+    assert all(c.name.removeprefix("checkpoint-").isdigit() and (c / "trainer_state.json").exists() for c in kept), kept
     assert sorted(p for p in stages.glob("*/*") if not p.name.startswith(".")) == earlier
     assert all(damage(folder) is None for folder in earlier)
 

@@ -27,7 +27,8 @@ def cpu_worker(tmp_path):
                               timeout=300, check=False)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "cpu"], cwd=PROJECT,
-                              env={**env, "PREFECT_HOME": str(tmp_path / "worker"), "PREFECT_WORKER_QUERY_SECONDS": "1"},
+                              env={**env, "PREFECT_HOME": str(tmp_path / "worker"),
+                                   "PREFECT_WORKER_QUERY_SECONDS": "1"},
                               stdout=(tmp_path / "worker.log").open("w"), stderr=subprocess.STDOUT,
                               start_new_session=True)
     try:

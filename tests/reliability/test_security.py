@@ -13,12 +13,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 
 import psutil
 import pytest
-from test_servers import _drop_database
+from helpers import drop_database, postgres_database
 
 from components.config import ConfigError, load_profile
 from flows.servers import free_port
@@ -29,7 +28,6 @@ ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
 MICRO = str(ROOT / "configs" / "micro.yaml")
 LOOPBACK = {"127.0.0.1", "::1"}
-POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "dbname": "postgres"}
 
 
 # --- listening sockets ----------------------------------------------------------------------
@@ -107,17 +105,6 @@ def serve_and_list(command: list[str], env: dict, log: Path, urls: list[str]) ->
         stop(process, started)
 
 
-def postgres_database() -> str | None:
-    """A fresh database name on the machine's PostgreSQL (``r1flow servers`` creates it), or None."""
-    import psycopg2
-
-    try:
-        psycopg2.connect(**POSTGRES, connect_timeout=3).close()
-    except psycopg2.OperationalError:
-        return None
-    return f"r1flow_exposure_{uuid.uuid4().hex[:8]}"
-
-
 def high_free_port() -> int:
     """A free port above 55535, where SeaweedFS's default gRPC port (HTTP port + 10000) cannot exist."""
     for port in range(60999, 55535, -1):
@@ -135,7 +122,7 @@ def test_r1flow_servers_listen_on_loopback_only(tmp_path):
     process tree, is bound to loopback when no --host is given, with the S3, MLflow and Prefect ports
     among them and none of SeaweedFS's ports left to its fallback (an S3 port above 55535 included)."""
     s3, mlflow, prefect = high_free_port(), free_port(), free_port()
-    database = postgres_database()
+    database = postgres_database(create=False)  # `r1flow servers` makes it
     backend = (f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}" if database
                else f"sqlite:///{tmp_path / 'mlflow.db'}")
     command = [str(BIN / "r1flow"), "servers", "--s3-port", str(s3), "--mlflow-port", str(mlflow),
@@ -146,7 +133,7 @@ def test_r1flow_servers_listen_on_loopback_only(tmp_path):
             f"http://127.0.0.1:{s3}", f"http://127.0.0.1:{mlflow}/health", f"http://127.0.0.1:{prefect}/api/health"])
     finally:
         if database:
-            _drop_database(database)
+            drop_database(database)
     print(f"r1flow servers listens on {sorted(ports)}")
     assert {s3, mlflow, prefect} <= {port for _, port in ports}, ports
     assert {address for address, _ in ports} <= LOOPBACK, sorted(ports)

@@ -8,16 +8,17 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import finish, wait_until
 from mlflow.tracking import MlflowClient
+
+from flows.servers import free_port, wait_for
 
 PROJECT = Path(__file__).resolve().parents[2]
 MICRO = str(PROJECT / "configs" / "micro.yaml")
@@ -26,27 +27,6 @@ BIN = Path(sys.executable).parent
 ARGS = ["--set", "runtime.device=cpu", "--set", "stages=[eval_r1_zero]"]
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until(condition, seconds: float, what: str) -> None:
-    deadline = time.time() + seconds
-    while not condition():
-        assert time.time() < deadline, f"no {what} within {seconds} s"
-        time.sleep(0.2)
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except OSError:
-        return False
 
 
 class Postgres:
@@ -96,7 +76,7 @@ class MlflowServer:
              str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port)],
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log, stderr=log,
             start_new_session=True)
-        wait_until(lambda: answers(f"{self.uri}/health"), 180, "MLflow server")
+        wait_for(f"{self.uri}/health", self.process, 180)
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -131,14 +111,6 @@ def run(root: Path, uri: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def finish(process: subprocess.Popen, timeout: float = 900) -> str:
-    try:
-        return process.communicate(timeout=timeout)[0]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-
-
 def finished_stages(root: Path) -> set[str]:
     stages = root / ".r1flow" / "stages"
     return {p.parent.parent.name for p in stages.glob("*/*/result.json") if not p.parent.name.startswith(".")}
@@ -149,7 +121,7 @@ def interrupt_then_complete(root: Path, server: MlflowServer, fault, repair) -> 
     ``repair``, and run again if the first did not survive; returns (stages finished when the
     first run ended, the summary that completed, its output)."""
     first = run(root, server.uri)
-    wait_until(lambda: "base" in finished_stages(root) or first.poll() is not None, 900, "base output")
+    wait_until(lambda: "base" in finished_stages(root), 900, "base output", first)
     assert first.poll() is None, finish(first)[-3000:]
     fault()
     repair()
