@@ -34,7 +34,7 @@ PrefectFileOption = typer.Option(Path("infra/prefect.yaml"), help="the deploymen
 PoolOption = typer.Option(["cpu", "gpu"], "--pool", help="process work pools to create if missing")
 SetOption = typer.Option(None, "--set", "-s", help="override a key, e.g. --set grpo.learning_rate=5e-5")
 SummaryOption = typer.Option(None, help="also write the summary (run ids, metrics, versions, stages) as JSON here")
-ServersFolderOption = typer.Option(Path(".r1flow/servers"), help="the servers' data and logs")
+ServersFolderOption = typer.Option(None, help="the servers' data and logs (default: servers/ in the workspace)")
 
 
 def _profile(config: Path | None, overrides: list[str] | None) -> tuple[Path | None, Profile, Place]:
@@ -301,15 +301,16 @@ def servers(host: str = typer.Option("127.0.0.1", help="bind address (loopback u
             s3_port: int = 8333, mlflow_port: int = 5000, prefect_port: int = 4200,
             backend: str = typer.Option("postgresql+psycopg2://postgres@127.0.0.1:5432/r1flow",
                                         help="the MLflow server's database (created if missing)"),
-            folder: Path = ServersFolderOption) -> None:
+            folder: Path | None = ServersFolderOption) -> None:
     """Start what workers on other machines share: SeaweedFS (S3), MLflow on PostgreSQL with its
     artifacts in the bucket, and Prefect. Prints what to export; Ctrl-C stops all three."""
     from flows.servers import BUCKET, Ports, start_stack, stop
 
+    folder = (folder or locate(load_profile(None)).workspace / "servers").resolve()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        stack, processes = start_stack(folder.resolve(), host, Ports(s3_port, mlflow_port, prefect_port), backend)
+        stack, processes = start_stack(folder, host, Ports(s3_port, mlflow_port, prefect_port), backend)
     except (OSError, RuntimeError) as error:
         _fail(f"servers: {error} (logs in {folder})")
     keys = "as exported" if os.environ.get("AWS_SECRET_ACCESS_KEY") else f"source {folder / 's3.env'}"

@@ -4,7 +4,7 @@ A launched stage spends most of its fixed cost importing torch, transformers and
 on 2 cores, against 1-5 s of work for a small stage). The fork server imports the components once,
 then forks one child per stage. The child runs as ``python -m components.<stage> --spec SPEC``
 would (its own ``__main__``, argv, environment, working folder and log file), so a stage cannot
-tell the difference. ``flows.stages`` uses it for CPU stages in the orchestrator's own
+tell the difference. ``flows.launch`` uses it for CPU stages in the orchestrator's own
 environment; a GPU worker or a separate stage environment starts plain processes.
 
     python -m flows.forkserver --preload components.base,components.sft    # started by ForkServer

@@ -41,14 +41,14 @@ def run_stage(name: str, module: str, config: Section, inputs: dict[str, Artifac
     store = cache.store_of(profile)
     group = machines() if accelerated(module, profile) else None
     if group is not None:  # every machine of a multi-machine launch trains its share
-        return _made(name, _train(name, module, config, inputs, profile, workspace, total_steps, key, group), key)
+        return _output(name, _train(name, module, config, inputs, profile, workspace, total_steps, key, group), key)
     if not force and reuse(store, workspace, name, key):
-        return _made(name, cache.stage_folder(workspace, name, key), key, cached=True)
+        return _output(name, cache.stage_folder(workspace, name, key), key, cached=True)
     # Another run may be making this very output: the first trains it, the others wait and reuse it.
     with exclusive(f"stage-{name}-{key}", workspace / "locks", waiting=f"{name}: another run is making {key}; waiting"):
         if not force and reuse(store, workspace, name, key):
-            return _made(name, cache.stage_folder(workspace, name, key), key, cached=True)
-        return _made(name, _train(name, module, config, inputs, profile, workspace, total_steps, key, group), key)
+            return _output(name, cache.stage_folder(workspace, name, key), key, cached=True)
+        return _output(name, _train(name, module, config, inputs, profile, workspace, total_steps, key, group), key)
 
 
 def cached_output(step: Step, inputs: dict[str, Artifact], profile: Profile, workspace: Path) -> StageOutput:
@@ -58,7 +58,7 @@ def cached_output(step: Step, inputs: dict[str, Artifact], profile: Profile, wor
         raise MissingInput(f"input stage {step.name!r} has no cached output for this profile "
                            f"({cache.stage_folder(workspace, step.name, key)}); "
                            f"run `r1flow run` (or `--only {step.name}`) first")
-    return _made(step.name, cache.stage_folder(workspace, step.name, key), key, cached=True)
+    return _output(step.name, cache.stage_folder(workspace, step.name, key), key, cached=True)
 
 
 def cached_inputs(name: str, profile: Profile, workspace: Path) -> dict[str, Artifact]:
@@ -71,7 +71,8 @@ def cached_inputs(name: str, profile: Profile, workspace: Path) -> dict[str, Art
     return inputs_of(recipe_step(name), outputs, profile)
 
 
-def _made(name: str, folder: Path, key: str, cached: bool = False) -> StageOutput:
+def _output(name: str, folder: Path, key: str, cached: bool = False) -> StageOutput:
+    """The record of a keyed folder (a follower machine keeps none: its result is empty)."""
     result = json.loads((folder / "result.json").read_text()) if (folder / "result.json").exists() else {}
     return StageOutput(name, folder, key, cached, None, result)
 
