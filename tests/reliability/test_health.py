@@ -16,6 +16,7 @@ from components.tracking import Tracker
 from flows.keys import StageOutput
 from flows.pipeline import Context
 from flows.registry import register
+from flows.workspace import locate
 
 MICRO = Path(__file__).parents[2] / "configs" / "micro.yaml"
 PROMPTS = [f"p{i}" for i in range(200)]
@@ -57,7 +58,7 @@ def registry(tmp_path_factory):
 
     def run(prefix: str, key: str, rows: list[dict], correct: int) -> dict:
         profile = load_profile(MICRO, [f"tracking.registry_prefix={prefix}"])
-        ctx = Context(profile, tmp, tmp / "workspace", tracker, None, {})
+        ctx = Context(profile, locate(profile, tmp), tracker, None, {})
         metrics = {"pass@1": correct / 200, "format_rate": 1.0}
         outputs = {"data": StageOutput("data", tmp / "data", "d0", True),
                    "base": StageOutput("base", tmp / "base", "b0", True),
