@@ -71,8 +71,10 @@ def publish(store: Store | None, folder: Path, name: str, key: str, missing_only
         store.remove(f"checkpoints/{name}/{key}/{checkpoint}")
 
 
-def build(final: Path, make: Callable[[Path], object]) -> None:
-    """Make a keyed folder with ``make(scratch)`` and install it; nothing is left if it fails."""
+def build(workspace: Path, name: str, key: str, make: Callable[[Path], object]) -> Path:
+    """A stage's keyed folder made by ``make(scratch)`` in this process and installed; nothing is
+    left if it fails."""
+    final = stage_folder(workspace, name, key)
     tmp = scratch_folder(final)
     try:
         make(tmp)
@@ -80,6 +82,7 @@ def build(final: Path, make: Callable[[Path], object]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     install(tmp, final)
+    return final
 
 
 def scratch_folder(final: Path) -> Path:

@@ -45,7 +45,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class Context:
-    """What every task of one run needs: the profile, folders, the MLflow parent run."""
+    """What every task of one run needs: the profile, where its state is, the MLflow parent run."""
 
     profile: Profile
     place: Place
@@ -100,9 +100,8 @@ def restore_data(ctx: Context, data_dir: Path) -> StageOutput:
     under the key the recorded profile gives it."""
     s = recipe_step("data")
     key = stage_key(s.module, ctx.profile.data, inputs_of(s, {}, ctx.profile), ctx.profile)
-    folder = cache.stage_folder(ctx.place.workspace, s.name, key)
     with ctx.tracker.child_run(s.name, ctx.parent_run, {"component": s.module, "restored_from": data_dir}) as run_id:
-        cache.build(folder, lambda scratch: versioning.restore_data_stage(data_dir, scratch))
+        folder = cache.build(ctx.place.workspace, s.name, key, lambda tmp: versioning.restore_data_stage(data_dir, tmp))
         out = StageOutput(s.name, folder, key, False, run_id, json.loads((folder / "result.json").read_text()))
         validate(ctx.tracker, out, s, ctx.place.workspace, ctx.profile.data.source)
         record(ctx.tracker, out, s)
