@@ -301,6 +301,7 @@ def servers(host: str = typer.Option("127.0.0.1", help="bind address (loopback u
             s3_port: int = 8333, mlflow_port: int = 5000, prefect_port: int = 4200,
             backend: str = typer.Option("postgresql+psycopg2://postgres@127.0.0.1:5432/r1flow",
                                         help="the MLflow server's database (created if missing)"),
+            mlflow_workers: int = typer.Option(4, help="MLflow server processes answering requests"),
             folder: Path | None = ServersFolderOption) -> None:
     """Start what workers on other machines share: SeaweedFS (S3), MLflow on PostgreSQL with its
     artifacts in the bucket, and Prefect. Prints what to export; Ctrl-C stops all three."""
@@ -310,7 +311,8 @@ def servers(host: str = typer.Option("127.0.0.1", help="bind address (loopback u
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        stack, processes = start_stack(folder, host, Ports(s3_port, mlflow_port, prefect_port), backend)
+        stack, processes = start_stack(folder, host, Ports(s3_port, mlflow_port, prefect_port), backend,
+                                       mlflow_workers=mlflow_workers)
     except (OSError, RuntimeError) as error:
         _fail(f"servers: {error} (logs in {folder})")
     keys = "as exported" if os.environ.get("AWS_SECRET_ACCESS_KEY") else f"source {folder / 's3.env'}"
@@ -344,7 +346,7 @@ def ui(config: Path | None = ConfigOption, mlflow_port: int = 5000, prefect_port
     bin_dir = Path(sys.executable).parent
     servers = [
         subprocess.Popen([str(bin_dir / "mlflow"), "ui", "--backend-store-uri", uri, "--host", host,
-                          "--port", str(mlflow_port)]),
+                          "--port", str(mlflow_port), "--workers", "1"]),  # one user: one process, not MLflow's 4
         subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", host, "--port", str(prefect_port)]),
     ]
     console.print(f"MLflow UI:  http://{host}:{mlflow_port}\nPrefect UI: http://{host}:{prefect_port}\n"

@@ -13,8 +13,8 @@ import pytest
 # session, no telemetry, CPU DeepSpeed without its banner.
 _SESSION = Path(tempfile.mkdtemp(prefix="r1flow-tests-"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-# Two xdist workers on 2 cores: one torch thread per process (stage processes inherit it). The
-# whole suite on a fresh clone took 610 s of pytest this way, 789 s with torch's default threads.
+# One torch thread per process (stage processes inherit it): xdist's workers and their stages
+# already share the cores. On 2 cores an earlier suite took 610 s this way, 789 s with torch's default.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["PREFECT_HOME"] = str(_SESSION / "prefect")
 from flows.environment import configure

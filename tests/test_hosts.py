@@ -96,7 +96,7 @@ def start_servers(stack: Stack, backend: str, folder: Path) -> subprocess.Popen:
     folder.mkdir(parents=True)
     command = [str(BIN / "r1flow"), "servers", "--host", stack.host, "--s3-port", str(stack.ports.s3),
                "--mlflow-port", str(stack.ports.mlflow), "--prefect-port", str(stack.ports.prefect),
-               "--backend", backend, "--folder", str(folder)]
+               "--backend", backend, "--mlflow-workers", "1", "--folder", str(folder)]
     log = folder / "r1flow-servers.log"
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
     for _ in range(300):  # bounded: 5 min for SeaweedFS, MLflow and Prefect to answer

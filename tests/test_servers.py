@@ -53,7 +53,7 @@ def mlflow_server(tmp_path_factory):
     print(f"MLflow server backend: {backend}")
     port = free_port()
     server = _start([str(BIN / "mlflow"), "server", "--backend-store-uri", backend, "--artifacts-destination",
-                     str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
+                     str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                     {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, folder / "server.log")
     try:
         wait_for(f"http://127.0.0.1:{port}/health", server, 180)

@@ -126,7 +126,8 @@ def test_r1flow_servers_listen_on_loopback_only(tmp_path):
     backend = (f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}" if database
                else f"sqlite:///{tmp_path / 'mlflow.db'}")
     command = [str(BIN / "r1flow"), "servers", "--s3-port", str(s3), "--mlflow-port", str(mlflow),
-               "--prefect-port", str(prefect), "--backend", backend, "--folder", str(tmp_path / "servers")]
+               "--prefect-port", str(prefect), "--backend", backend, "--mlflow-workers", "1",
+               "--folder", str(tmp_path / "servers")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # keys made in the folder
     try:
         ports = serve_and_list(command, env, tmp_path / "servers.log", [

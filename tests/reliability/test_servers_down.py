@@ -73,7 +73,7 @@ class MlflowServer:
         log = (self.folder / "mlflow.log").open("a")
         self.process = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--backend-store-uri", self.backend, "--artifacts-destination",
-             str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port)],
+             str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log, stderr=log,
             start_new_session=True)
         wait_for(f"{self.uri}/health", self.process, 180)
