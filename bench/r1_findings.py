@@ -18,6 +18,7 @@ to `reports/` (and to MLflow: experiment `r1flow-bench` in `.r1flow/mlflow.db`):
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -53,7 +54,8 @@ def run_seed(seed: int, config: Path, folder: Path) -> float:
     folder.mkdir(parents=True)
     started = time.time()
     done = subprocess.run([str(Path(sys.executable).parent / "r1flow"), "run", "--config", str(config),
-                           "--set", f"seed={seed}"], cwd=folder, capture_output=True, text=True, check=False)
+                           "--set", f"seed={seed}"], cwd=folder, capture_output=True, text=True, check=False,
+                          env={**os.environ, "R1FLOW_ROOT": str(folder)})  # the seed's folder, whatever the caller set
     (folder / "run.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         sys.exit(f"seed {seed} failed; log: {folder / 'run.log'}\n{(done.stdout + done.stderr)[-3000:]}")

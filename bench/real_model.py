@@ -48,7 +48,8 @@ def r1flow(folder: Path, args: list[str], log: str) -> None:
     """An r1flow command in the seed's folder; its output kept beside it, the bench stopped on failure."""
     # One torch thread unless told otherwise: GRPO on one core, and two threads ran ~7x slower than
     # one whenever another process was busy on the other core.
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # The seed's folder is its root whatever the caller's R1FLOW_ROOT says.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "R1FLOW_ROOT": str(folder)}
     done = subprocess.run([R1FLOW, *args], cwd=folder, env=env, capture_output=True, text=True, check=False)
     (folder / log).write_text(done.stdout + done.stderr)
     if done.returncode != 0:
@@ -64,18 +65,18 @@ def run_seed(seed: int, settings: list[str], folder: Path) -> float:
     return time.time() - started
 
 
-def score_gsm8k(folder: Path, settings: list[str], n: int) -> None:
+def score_gsm8k(folder: Path, profile, settings: list[str], n: int) -> None:
     """The seed's base and R1-Zero model on the first n GSM8K test problems (cached when done before).
     GSM8K answers need room: 256 new tokens, one sample and the greedy decode per problem."""
     for role in MODELS:
-        r1flow(folder, ["eval", str(model_folder(folder, role)), "--benchmark", "gsm8k", "--limit", str(n),
+        r1flow(folder, ["eval", str(model_folder(folder, profile, role)), "--benchmark", "gsm8k", "--limit", str(n),
                         *settings, "--set", "evaluate.max_new_tokens=256", "--set", "evaluate.k=1"],
                f"gsm8k-{role}.log")
 
 
-def model_folder(folder: Path, stage: str) -> Path:
+def model_folder(folder: Path, profile, stage: str) -> Path:
     """The one model folder a first run left for the stage."""
-    (found,) = (folder / ".r1flow" / "stages" / stage).glob("*/model")
+    (found,) = (locate(profile, folder).workspace / "stages" / stage).glob("*/model")
     return found
 
 
@@ -87,7 +88,7 @@ def read_seed(folder: Path, profile) -> dict:
     grpo = tracker.child_runs(parent.run_id)["r1_zero"]
     evals = tracker.benchmark_runs("gsm8k")[::-1]  # oldest first: the newest run of a model wins
     gsm8k = {role: run.metrics for role in MODELS for run in evals
-             if run.tags.get("model") == str(model_folder(folder, role))}
+             if run.tags.get("model") == str(model_folder(folder, profile, role))}
     return {"metrics": parent.metrics, "curves": {key: tracker.metric_history(grpo.run_id, key) for key in CURVES},
             "gsm8k": gsm8k, "grpo_seconds": grpo.seconds, "run_id": parent.run_id}
 
@@ -156,7 +157,7 @@ def main() -> None:
         if not args.reuse:
             (folder / "wall_seconds").write_text(f"{run_seed(seed, settings, folder):.1f}")
         if args.gsm8k and seed in (args.gsm8k_seeds or args.seeds):
-            score_gsm8k(folder, settings, args.gsm8k)
+            score_gsm8k(folder, profile, settings, args.gsm8k)
         if not (folder / "wall_seconds").exists():
             sys.exit(f"seed {seed}: no finished run in {folder}; run it without --reuse first")
         wall = float((folder / "wall_seconds").read_text())

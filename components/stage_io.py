@@ -116,14 +116,19 @@ class MetricsLog:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path, finished: bool = False) -> list[dict]:
     """A stage's ``metrics.jsonl``, one row per logged step, up to a line still being written
-    (the stage may be running)."""
+    (the stage may be running). ``finished``: the stage has ended, so a line that is not JSON is
+    damage, and an error."""
     rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
+    for number, line in enumerate(path.read_text().splitlines() if path.exists() else [], 1):
+        if not line.strip():
+            continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
+            if finished:
+                raise ValueError(f"{path}: line {number} is not JSON; delete the stage's folder to rerun it") from None
             break
     return rows
 

@@ -194,7 +194,7 @@ class Tracker:
 
     def log_metrics_file(self, run_id: str, path: Path) -> int:
         """Replay a stage's ``metrics.jsonl`` as step metrics (training curves); returns rows."""
-        rows = read_metrics(path)
+        rows = read_metrics(path, finished=True)
         now = _now_ms()  # replayed after the stage: the UI's time axis shows when it was logged
         items = [Metric(metric_name(k), float(v), now, int(row["step"]))
                  for row in rows for k, v in row.items() if k != "step" and isinstance(v, (int, float))]

@@ -169,7 +169,7 @@ def evaluate(model: str = typer.Argument(..., help="a registered NAME/VERSION or
              limit: int | None = typer.Option(None, "--limit", help="the first N problems only", min=1),
              config: Path | None = ConfigOption, overrides: list[str] | None = SetOption) -> None:
     """Evaluate a model on a public benchmark with R1's protocol (the profile's `evaluate` settings)."""
-    _profile(config, overrides)
+    config, _, _ = _profile(config, overrides)  # configs/default.yaml where no --config is given
     from flows.model_eval import NAMES, evaluate_model
 
     if benchmark not in NAMES:
@@ -302,12 +302,12 @@ def servers(host: str = typer.Option("127.0.0.1", help="bind address (loopback u
             backend: str = typer.Option("postgresql+psycopg2://postgres@127.0.0.1:5432/r1flow",
                                         help="the MLflow server's database (created if missing)"),
             mlflow_workers: int = typer.Option(4, help="MLflow server processes answering requests"),
-            folder: Path | None = ServersFolderOption) -> None:
+            folder: Path | None = ServersFolderOption, config: Path | None = ConfigOption) -> None:
     """Start what workers on other machines share: SeaweedFS (S3), MLflow on PostgreSQL with its
     artifacts in the bucket, and Prefect. Prints what to export; Ctrl-C stops all three."""
     from flows.servers import BUCKET, Ports, start_stack, stop
 
-    folder = (folder or locate(load_profile(None)).workspace / "servers").resolve()
+    folder = (folder or _profile(config, None)[2].workspace / "servers").resolve()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

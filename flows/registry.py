@@ -63,7 +63,8 @@ def registered_version(ctx, role: str, outputs: dict[str, StageOutput], data_has
         eval_run_id=evaluation.run_id, eval_key=eval_key(ctx, outputs), metrics=evaluation.result["metrics"],
         parent=registered[parent]["ref"] if parent in registered else f"{parent} (stage {outputs[parent].key})",
         parent_eval_run_id=outputs[f"eval_{parent}"].run_id if f"eval_{parent}" in outputs else None,
-        health=promotion.training_health(read_metrics(out.folder / "metrics.jsonl"), ctx.profile.promotion))
+        health=promotion.training_health(read_metrics(out.folder / "metrics.jsonl", finished=True),
+                                         ctx.profile.promotion))
     tags.update(base_provenance(role, outputs))
     return ctx.tracker.version(name, ctx.tracker.register(out.run_id, out.folder / "model", name, tags)), True
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import yaml
 
 from components import versioning
+from components.config import Profile
 from components.tracking import Tracker, metric_name
 from flows.pipeline import code_commit, r1_pipeline
-from flows.workspace import Place
+from flows.workspace import Place, locate
 
 
 @dataclass
@@ -56,7 +57,7 @@ def rerun(run_id: str, place: Place, tracking_uri: str | None = None) -> tuple[d
     if tags.get("git_dirty") == "True" or now.get("git_dirty"):
         warnings.append("uncommitted changes (then or now): the code may differ from the commit")
 
-    workspace = root / profile["workspace"]
+    workspace = locate(Profile.model_validate(profile), root).workspace  # the run's own workspace setting
     data_hash = versioning.restore(root, pointer, versioning.remote_url(profile.get("store"), workspace),
                                    profile["data_dir"])
     if data_hash != tags["data_hash"]:

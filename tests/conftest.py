@@ -71,7 +71,7 @@ def pytest_unconfigure(config):
             server.kill()
 
 
-# The longest files, longest first (seconds per file, 3 workers, 2 cores, 2026-12-04). xdist hands
+# The longest files, longest first (by their seconds with 3 workers on 2 cores, 2026-12-04). xdist hands
 # whole files to its workers in collection order: started first, none is left running alone at the end.
 LONGEST = ("test_hosts.py", "test_faults.py", "test_pipeline.py", "test_servers_down.py", "test_multi_machine.py",
            "test_data_sources.py", "test_servers.py", "test_bad_input.py", "test_resume.py", "test_schedule.py",

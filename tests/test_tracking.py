@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from components.stage_io import read_metrics
 from components.tracking import Tracker, flatten, metric_name
 from flows.workspace import default_uri
 
@@ -46,3 +47,12 @@ def test_names_and_flattening():
     assert metric_name("pass@1") == "pass_at_1"
     assert metric_name("rewards/format_reward/mean") == "rewards/format_reward/mean"
     assert flatten({"a": {"b": 1, "c": {}}, "d": 2}) == {"a.b": 1, "a.c": {}, "d": 2}
+
+
+def test_a_metrics_log_stops_at_a_line_being_written_and_a_finished_one_refuses_a_damaged_line(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [row["step"] for row in read_metrics(log)] == [1, 2]  # a running stage: its last line is half-written
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 4 is not JSON"):
+        read_metrics(log, finished=True)
+    assert read_metrics(tmp_path / "absent.jsonl") == []
