@@ -65,18 +65,18 @@ def run_seed(seed: int, settings: list[str], folder: Path) -> float:
     return time.time() - started
 
 
-def score_gsm8k(folder: Path, profile, settings: list[str], n: int) -> None:
+def score_gsm8k(folder: Path, workspace: Path, settings: list[str], n: int) -> None:
     """The seed's base and R1-Zero model on the first n GSM8K test problems (cached when done before).
     GSM8K answers need room: 256 new tokens, one sample and the greedy decode per problem."""
     for role in MODELS:
-        r1flow(folder, ["eval", str(model_folder(folder, profile, role)), "--benchmark", "gsm8k", "--limit", str(n),
+        r1flow(folder, ["eval", str(model_folder(workspace, role)), "--benchmark", "gsm8k", "--limit", str(n),
                         *settings, "--set", "evaluate.max_new_tokens=256", "--set", "evaluate.k=1"],
                f"gsm8k-{role}.log")
 
 
-def model_folder(folder: Path, profile, stage: str) -> Path:
+def model_folder(workspace: Path, stage: str) -> Path:
     """The one model folder a first run left for the stage."""
-    (found,) = (locate(profile, folder).workspace / "stages" / stage).glob("*/model")
+    (found,) = (workspace / "stages" / stage).glob("*/model")
     return found
 
 
@@ -87,8 +87,8 @@ def read_seed(folder: Path, profile) -> dict:
     parent = tracker.pipeline_runs(limit=1)[0]
     grpo = tracker.child_runs(parent.run_id)["r1_zero"]
     evals = tracker.benchmark_runs("gsm8k")[::-1]  # oldest first: the newest run of a model wins
-    gsm8k = {role: run.metrics for role in MODELS for run in evals
-             if run.tags.get("model") == str(model_folder(folder, profile, role))}
+    models = {role: str(model_folder(place.workspace, role)) for role in MODELS}
+    gsm8k = {role: run.metrics for role in MODELS for run in evals if run.tags.get("model") == models[role]}
     return {"metrics": parent.metrics, "curves": {key: tracker.metric_history(grpo.run_id, key) for key in CURVES},
             "gsm8k": gsm8k, "grpo_seconds": grpo.seconds, "run_id": parent.run_id}
 
@@ -157,7 +157,7 @@ def main() -> None:
         if not args.reuse:
             (folder / "wall_seconds").write_text(f"{run_seed(seed, settings, folder):.1f}")
         if args.gsm8k and seed in (args.gsm8k_seeds or args.seeds):
-            score_gsm8k(folder, profile, settings, args.gsm8k)
+            score_gsm8k(folder, locate(profile, folder).workspace, settings, args.gsm8k)
         if not (folder / "wall_seconds").exists():
             sys.exit(f"seed {seed}: no finished run in {folder}; run it without --reuse first")
         wall = float((folder / "wall_seconds").read_text())
