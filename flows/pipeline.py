@@ -222,11 +222,12 @@ def version_data(ctx: Context, files: dict[str, str]) -> str:
     """This run's datasets into ``data/``, ``dvc add`` and push; returns the DVC hash."""
     root = ctx.place.root
     # Two runs of one checkout at once reach here together (the second reused every stage): both
-    # would `dvc init` and `dvc add` the same folder, so one versions at a time.
+    # would `dvc init` and `dvc add` the same folder, and each must log its own pointer, so one
+    # versions at a time.
     with exclusive("data-version", ctx.place.workspace / "locks"):
         versioning.stage_datasets(root / ctx.profile.data_dir, {k: Path(v) for k, v in files.items()})
         versioning.ensure_repo(root, versioning.remote_url(ctx.profile.store, ctx.place.workspace))
         data_hash = versioning.version_data(root, ctx.profile.data_dir.as_posix())
+        ctx.tracker.log_artifact(ctx.parent_run, root / f"{ctx.profile.data_dir.as_posix()}.dvc")  # for reruns
     ctx.tracker.set_tags(ctx.parent_run, {"data_hash": data_hash})
-    ctx.tracker.log_artifact(ctx.parent_run, root / f"{ctx.profile.data_dir.as_posix()}.dvc")  # for reruns
     return data_hash
