@@ -147,6 +147,8 @@ class TrainSection(Section):
     warmup_steps: int = Field(0, ge=0)
     logging_steps: int = Field(5, gt=0)
     save_steps: int = Field(50, gt=0, description="checkpoint every N steps: a crash loses at most this many")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass instead of "
+                                         "keeping them: less memory for long completions, slower steps")
     trl_args: dict[str, Any] = Field(default_factory=dict, description="any other TRL argument, by TRL's name")
 
 
@@ -191,11 +193,26 @@ class GRPOSection(TrainSection):
             raise ValueError(f"unknown reward(s) {sorted(unknown)} in rewards; choose from {sorted(REWARDS)}")
         if self.use_vllm and self.vllm_mode is None:
             raise ValueError("use_vllm needs vllm_mode: colocate or server (set it: TRL's default changed in 1.16)")
-        if self.per_device_train_batch_size % self.num_generations:
-            raise ValueError("per_device_train_batch_size must be a multiple of num_generations")
         if self.lora_alpha is not None and not self.lora_r:
             raise ValueError("lora_alpha scales a LoRA adapter, and lora_r is 0 (full fine-tuning); set lora_r too")
         return self
+
+    def generation_batch(self, processes: int) -> int:
+        """Completions sampled per generation round over all ``processes``, by TRL's GRPOConfig rule
+        (``generation_batch_size``, else per-device batch × processes × ``steps_per_generation``, which
+        defaults to the gradient accumulation steps); whole prompt groups, so a multiple of
+        ``num_generations``."""
+        given = self.trl_args.get("generation_batch_size")
+        step = self.per_device_train_batch_size * processes
+        batch = given or step * self.trl_args.get("steps_per_generation", self.gradient_accumulation_steps)
+        if given and given % step:
+            raise ValueError(f"trl_args.generation_batch_size {given} must be a multiple of per_device_train_batch_size"
+                             f" {self.per_device_train_batch_size} x {processes} processes")
+        if batch % self.num_generations:
+            raise ValueError(f"a generation batch of {batch} completions (per_device_train_batch_size "
+                             f"{self.per_device_train_batch_size} x {processes} processes x steps per generation) "
+                             f"does not hold whole groups of num_generations {self.num_generations}")
+        return batch
 
 
 class SamplingConfig(Section):
@@ -232,14 +249,31 @@ class RuntimeConfig(Section):
     gpu_components: list[Literal["base", "sft", "grpo", "rejection_sampling", "evaluate"]] = Field(
         default_factory=lambda: ["sft", "grpo", "rejection_sampling", "evaluate"],
         description="the components sent to gpu_deployment when it is set")
+    machines: int = Field(1, gt=0, description="launcher accelerate: machines that one training stage spans (part "
+                          "of its key). Each machine's environment gives only its place: R1FLOW_MACHINE_RANK, "
+                          "R1FLOW_MAIN_PROCESS_IP, R1FLOW_MAIN_PROCESS_PORT")
+    processes_per_machine: int | None = Field(
+        None, gt=0, description="launcher accelerate: training processes on each machine; none: one per GPU that "
+        "the stage environment sees (one on CPU). The key holds this setting, not the count it resolves to, so a "
+        "sender with no GPU computes the key its worker writes")
 
     @model_validator(mode="after")
     def _check(self) -> RuntimeConfig:
         if self.launcher == "accelerate" and self.accelerate_config is None:
             raise ValueError("launcher 'accelerate' needs accelerate_config")
+        if self.launcher != "accelerate" and (self.machines > 1 or self.processes_per_machine is not None):
+            raise ValueError("machines and processes_per_machine size an accelerate launch; set launcher: accelerate")
         if self.accelerate_config is not None and not self.accelerate_config.exists():
             raise ValueError(f"file not found: {self.accelerate_config}")
         return self
+
+    def known_processes(self) -> int | None:
+        """Training processes of a stage in all, where the profile alone says (None: one per GPU,
+        counted on the worker)."""
+        if self.launcher == "python":
+            return 1
+        per_machine = self.processes_per_machine or (1 if self.device == "cpu" else None)
+        return per_machine and per_machine * self.machines
 
 
 class PromotionConfig(Section):
@@ -321,6 +355,12 @@ class Profile(Section):
                                  f"Prefect); remove them and set them in the environment ({where})")
         if self.store is not None and not self.store.startswith("s3://"):
             raise ValueError(f"store: {self.store!r} is not s3://bucket/prefix")
+        if (processes := self.runtime.known_processes()) is not None:  # else the stage checks, by TRL's rule
+            for name in ("grpo", "final_rl"):
+                try:
+                    getattr(self, name).generation_batch(processes)
+                except ValueError as error:
+                    raise ValueError(f"{name}: {error}") from None
         sections = {"cold_start": "SFTConfig", "sft": "SFTConfig", "distill": "SFTConfig", "grpo": "GRPOConfig",
                     "final_rl": "GRPOConfig"}  # the TRL class each passes trl_args to
         passed = {name: cls for name, cls in sections.items() if getattr(self, name).trl_args}

@@ -48,7 +48,9 @@ class HeldOutPass(TrainerCallback):
     """pass@1 (one sample at T=0.6, top-p 0.95: R1's protocol) and mean completion length on
     held-out prompts, at step 0 and every ``every`` steps, logged as ``heldout/*`` metrics.
 
-    Sampling runs on a forked RNG, so training draws the same random numbers with or without it.
+    Under ``accelerate launch`` each process samples its share of the prompts and rank 0 logs the
+    whole. Sampling runs on a forked RNG (CPU and GPU), so training draws the same random numbers
+    with or without it.
     """
 
     def __init__(self, records: list[dict], tokenizer, template: str, every: int, max_new_tokens: int, seed: int,
@@ -66,20 +68,31 @@ class HeldOutPass(TrainerCallback):
             self.measure(model, 0)
 
     def measure(self, model, step: int) -> None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+        mine = list(range(rank, len(self.prompts), world))
+        # Every rank samples as many prompts (its first one again where it is a prompt short): under
+        # ZeRO-3 each holds a shard of the weights, and all step through generation together.
+        share = -(-len(self.prompts) // world)
+        padded = mine + [mine[0] if mine else 0] * (share - len(mine))
         was_training = model.training
-        # Under ZeRO-3 every rank holds a shard: all must step through generation together.
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and \
-            torch.distributed.get_world_size() > 1
         model.eval()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            samples = sample(model, self.tokenizer, self.prompts, Sampling(max_new_tokens=self.max_new_tokens),
-                             label="held-out pass@1", synced_gpus=distributed)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed + rank)
+            samples = sample(model, self.tokenizer, [self.prompts[i] for i in padded],
+                             Sampling(max_new_tokens=self.max_new_tokens), label="held-out pass@1",
+                             synced_gpus=world > 1)
         model.train(was_training)
-        texts = [s.text for (s,) in samples]
-        correct = [grade(final_answer(text), record) for text, record in zip(texts, self.records)]
-        self.log.write(step, **{"heldout/pass@1": mean(correct),
-                                "heldout/mean_length": mean(s.tokens for (s,) in samples)})
+        print(f"held-out pass@1 at step {step}: rank {rank} sampled {len(mine)} of {len(self.prompts)} prompts",
+              flush=True)
+        measured = [(grade(final_answer(s.text), self.records[i]), s.tokens) for i, (s,) in zip(mine, samples)]
+        if world > 1:
+            shares = [None] * world
+            torch.distributed.all_gather_object(shares, measured)
+            measured = [m for share in shares for m in share]
+        self.log.write(step, **{"heldout/pass@1": mean(c for c, _ in measured),
+                                "heldout/mean_length": mean(t for _, t in measured)})
 
 
 VLLM_FIELDS = ("vllm_mode", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size", "vllm_server_host",

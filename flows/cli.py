@@ -138,7 +138,8 @@ def print_summary(summary: dict, seconds: float) -> None:
                        f"{seconds_taken:.1f}" if seconds_taken is not None else "")
     console.print(stages)
     if not summary.get("metrics"):  # --only, or a profile whose stages evaluate nothing
-        recorded = f"MLflow run {summary['run_id']}" if summary["run_id"] else "recorded by machine rank 0"
+        recorded = f"MLflow run {summary['run_id']}" if summary["run_id"] else \
+            f"recorded by machine rank 0 (stage key {summary['key']})"
         console.print(f"{seconds / 60:.1f} min; {recorded}")
         return
     table = Table(title=f"r1flow results (run {summary['run_id'][:8]}, {seconds / 60:.1f} min)",

@@ -18,7 +18,7 @@ from pathlib import Path
 from components.config import Profile, Section, content_hash, plain_template
 from components.digest import content_sha256
 from components.stage_io import split_ref
-from flows.machines import accelerated, machines
+from flows.machines import accelerated
 from flows.recipe import RECIPE, Step, section
 
 COMPONENTS = Path(__file__).resolve().parents[1] / "components"
@@ -88,16 +88,18 @@ def code_version(module: str) -> str:
 
 def runtime_identity(module: str, profile: Profile) -> dict:
     """The runtime settings that change a stage's output: device, generation backend and, for a
-    training stage under accelerate, the content of its config (world size, ZeRO stage, precision)
-    and the number of machines it spans."""
+    training stage under accelerate, the content of its config (ZeRO stage, precision)
+    and the machines and processes it spans, as the profile gives them."""
     runtime = profile.runtime
     identity = {"device": runtime.device, "generation_backend": runtime.generation_backend}
     if runtime.precision != "auto":  # left out at its default: keys made before the setting stay valid
         identity["precision"] = runtime.precision
     if accelerated(module, profile):
         identity["accelerate_config"] = content_sha256(runtime.accelerate_config)
-        if (group := machines()) is not None:
-            identity["machines"] = group.count
+        if runtime.machines > 1:  # from the profile: the sender and every machine compute the same key
+            identity["machines"] = runtime.machines
+        if runtime.processes_per_machine is not None:
+            identity["processes_per_machine"] = runtime.processes_per_machine
     return identity
 
 

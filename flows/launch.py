@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import time
-from functools import cache
 from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -24,7 +23,7 @@ from components.config import Profile, content_hash
 from components.stage_io import ERROR_MARK, read_metrics
 from flows.forkserver import ForkServer
 from flows.keys import COMPONENTS
-from flows.machines import accelerated, machines
+from flows.machines import accelerated, machines, on_cpu, processes_per_machine, stage_python
 
 PRELOAD = [f"components.{m}" for m in ("data", "base", "sft", "grpo", "rejection_sampling", "evaluate")]
 PROGRESS_EVERY = 30.0  # seconds between progress lines where stderr is no terminal (CI, worker logs)
@@ -34,12 +33,12 @@ _FORK_SERVERS: dict[tuple, ForkServer] = {}
 def run_process(name: str, module: str, folder: Path, profile: Profile, total_steps: int | None) -> int:
     """Start the stage's process on ``folder/spec.json``, logging to ``folder/stage.log``, and
     follow it to its end; returns its exit code. Ctrl-C or a cancelled flow stops it first."""
-    on_cpu = profile.runtime.device == "cpu" or (profile.runtime.device == "auto" and not _has_cuda())
+    cpu = on_cpu(profile)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-           **({"DS_ACCELERATOR": "cpu"} if on_cpu else {})}
+           **({"DS_ACCELERATOR": "cpu"} if cpu else {})}
     spec, log = folder / "spec.json", folder / "stage.log"
     log.touch()
-    process = start(module, spec, log, profile, env, warm=on_cpu)
+    process = start(module, spec, log, profile, env, warm=cpu)
     try:
         follow(process, name, folder / "metrics.jsonl", total_steps)
     except BaseException:
@@ -50,17 +49,18 @@ def run_process(name: str, module: str, folder: Path, profile: Profile, total_st
 
 
 def launch_command(module: str, spec: Path, profile: Profile) -> list[str]:
-    python = profile.runtime.stage_python or sys.executable
+    python = stage_python(profile)
     if not accelerated(module, profile):
         return [python, "-m", f"components.{module}", "--spec", str(spec)]
-    group = machines()
-    # Several machines: each starts its share of the processes (the config's num_processes is the
-    # total), rank 0's address is the rendezvous; torchrun-style launch on each, no ssh between them.
+    group = machines(module, profile)
+    # The process count comes from here, not the config file: every machine starts its share of the
+    # total. Across machines rank 0's address is the rendezvous: a torchrun-style launch on each, no ssh.
+    total = processes_per_machine(profile) * profile.runtime.machines
     across = [] if group is None else [
         "--num_machines", str(group.count), "--machine_rank", str(group.rank), "--main_process_ip",
         group.main_ip, "--main_process_port", str(group.main_port), "--deepspeed_multinode_launcher", "standard"]
     return [python, "-m", "accelerate.commands.launch", "--config_file", str(profile.runtime.accelerate_config),
-            *across, "-m", f"components.{module}", "--spec", str(spec)]
+            "--num_processes", str(total), *across, "-m", f"components.{module}", "--spec", str(spec)]
 
 
 def start(module: str, spec: Path, log: Path, profile: Profile, env: dict, warm: bool):
@@ -89,13 +89,6 @@ def _fork_server(env: dict) -> ForkServer:
         _FORK_SERVERS.clear()
         server = _FORK_SERVERS[identity] = ForkServer(sys.executable, env, PRELOAD)
     return server
-
-
-@cache
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def follow(process, name: str, metrics: Path, total: int | None) -> None:

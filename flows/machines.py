@@ -1,12 +1,17 @@
-"""A training stage that spans machines: which components ``accelerate`` launches, and this
-machine's place in such a launch (its rank and rank 0's address), from the environment or the
-Prefect job variables' ``env``. Every machine runs the same stage with the same spec.
+"""A training stage under ``accelerate launch``: which components it starts that way, how many
+processes it starts on this machine (one per GPU the stage environment sees, unless the profile
+says), and this machine's place when the stage spans several (``runtime.machines``): its rank and
+rank 0's address, from the environment or the Prefect job variables' ``env``. Every machine runs
+the same stage with the same profile, so all of them compute the same stage key.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from functools import cache
 
 from components.config import Profile
 
@@ -31,13 +36,57 @@ def accelerated(module: str, profile: Profile) -> bool:
     return profile.runtime.launcher == "accelerate" and module in DISTRIBUTED
 
 
-def machines() -> Machines | None:
-    """This machine's place in a launch across machines; None on one machine."""
-    count = int(os.environ.get("R1FLOW_NUM_MACHINES", "1"))
-    if count < 2:
+def machines(module: str, profile: Profile) -> Machines | None:
+    """This machine's place in a launch of ``module`` across machines; None where it runs on one."""
+    if "R1FLOW_NUM_MACHINES" in os.environ:  # an environment set up for an older r1flow
+        raise ValueError("R1FLOW_NUM_MACHINES is not read: the machine count is the profile's runtime.machines "
+                         "(the environment gives only R1FLOW_MACHINE_RANK and R1FLOW_MAIN_PROCESS_IP/_PORT)")
+    count = profile.runtime.machines
+    if count < 2 or not accelerated(module, profile):
         return None
     try:
-        return Machines(count, int(os.environ["R1FLOW_MACHINE_RANK"]), os.environ["R1FLOW_MAIN_PROCESS_IP"],
-                        int(os.environ.get("R1FLOW_MAIN_PROCESS_PORT", "29500")))
+        rank, main_ip = int(os.environ["R1FLOW_MACHINE_RANK"]), os.environ["R1FLOW_MAIN_PROCESS_IP"]
     except KeyError as missing:
-        raise ValueError(f"R1FLOW_NUM_MACHINES={count} needs {missing.args[0]} in the environment") from None
+        raise ValueError(f"runtime.machines is {count}: each machine needs {missing.args[0]} in its environment "
+                         "(its rank, and rank 0's address)") from None
+    if not 0 <= rank < count:
+        raise ValueError(f"R1FLOW_MACHINE_RANK {rank} is not a rank of runtime.machines {count} (0..{count - 1})")
+    return Machines(count, rank, main_ip, int(os.environ.get("R1FLOW_MAIN_PROCESS_PORT", "29500")))
+
+
+def on_cpu(profile: Profile) -> bool:
+    """Whether stages run on the CPU: ``runtime.device`` cpu, or auto where the stage environment
+    sees no GPU."""
+    device = profile.runtime.device
+    return device == "cpu" or (device == "auto" and not visible_gpus(stage_python(profile)))
+
+
+def processes_per_machine(profile: Profile) -> int:
+    """The training processes ``accelerate launch`` starts on this machine."""
+    if profile.runtime.processes_per_machine is not None:
+        return profile.runtime.processes_per_machine
+    if on_cpu(profile):
+        return 1
+    if not (gpus := visible_gpus(stage_python(profile))):
+        raise ValueError(f"runtime.device is cuda and {stage_python(profile)} sees no GPU; set runtime.device: cpu, "
+                         "or runtime.processes_per_machine")
+    return gpus
+
+
+def stage_python(profile: Profile) -> str:
+    return profile.runtime.stage_python or sys.executable
+
+
+@cache
+def visible_gpus(python: str) -> int:
+    """GPUs that ``python``'s torch sees. Asked of the stage environment itself: the orchestrator's
+    own torch may be a CPU build on a GPU machine."""
+    if python == sys.executable:
+        import torch
+
+        return torch.cuda.device_count()
+    asked = subprocess.run([python, "-c", "import torch; print(torch.cuda.device_count())"], check=False,
+                           capture_output=True, text=True, timeout=300)
+    if asked.returncode != 0:
+        raise ValueError(f"runtime.stage_python {python} cannot import torch: {asked.stderr.strip()[-300:]}")
+    return int(asked.stdout.split()[-1])

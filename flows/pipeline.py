@@ -32,7 +32,7 @@ from components.tracking import Tracker, check_reachable
 from flows import cache
 from flows.keys import Artifact, StageOutput, inputs_of, stage_key
 from flows.locks import exclusive
-from flows.machines import machines
+from flows.machines import Machines, machines
 from flows.outputs import record, report, validate
 from flows.recipe import RECIPE, Step, check_stage, downstream, recipe_step, section, upstream
 from flows.registry import register
@@ -146,21 +146,21 @@ def stage_flow(stage: str, config: str | None = None, overrides: list[str] | Non
     deployments, and where the pipeline sends GPU stages (logging into the MLflow run ``run_id``).
     ``root``: where the workspace is; none: ``$R1FLOW_ROOT``, else the working directory."""
     label = f" (only {check_stage(stage)})"
-    if (group := machines()) is not None and group.follower:
-        return follow(stage, config, overrides, root)
+    profile = load_profile(config, overrides)
+    if (group := machines(recipe_step(stage).module, profile)) is not None and group.follower:
+        return follow(stage, profile, root, group)
     with pipeline_run(config, overrides, root, label=label, own_run=run_id is None) as ctx:
         out = run_only(ctx, stage, force, run_id)
         return {**summary(ctx), "stages": {stage: out.cached}, "result": out.result, "stage_run_id": out.run_id}
 
 
-def follow(stage: str, config: str | None, overrides: list[str] | None, root: str | None) -> dict:
+def follow(stage: str, profile: Profile, root: str | None, group: Machines) -> dict:
     """A machine of rank > 0 in a multi-machine training stage: it fetches the inputs and trains
     its share; rank 0's machine writes the output and every MLflow record."""
-    profile = load_profile(config, overrides)
     step, workspace = recipe_step(stage), locate(profile, root).workspace
     out = run_stage(step.name, step.module, section(profile, step), cached_inputs(stage, profile, workspace), profile,
                     workspace, force=True)
-    return {"run_id": None, "stages": {stage: False}, "key": out.key, "machine_rank": machines().rank}
+    return {"run_id": None, "stages": {stage: False}, "key": out.key, "machine_rank": group.rank}
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from flows import cache
 from flows.keys import Artifact, StageOutput, inputs_of, stage_key
 from flows.launch import failure, keep_log, run_process
 from flows.locks import exclusive
-from flows.machines import Machines, accelerated, machines
+from flows.machines import Machines, machines
 from flows.recipe import RECIPE, Step, recipe_step, section, upstream
 
 
@@ -39,7 +39,7 @@ def run_stage(name: str, module: str, config: Section, inputs: dict[str, Artifac
     """The stage's keyed output: reused unless ``force``, else made now."""
     key = stage_key(module, config, inputs, profile)
     store = cache.store_of(profile)
-    group = machines() if accelerated(module, profile) else None
+    group = machines(module, profile)
     if group is not None:  # every machine of a multi-machine launch trains its share
         return _output(name, _train(name, module, config, inputs, profile, workspace, total_steps, key, group), key)
     if not force and reuse(store, workspace, name, key):

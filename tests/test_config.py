@@ -63,7 +63,11 @@ def test_overrides_apply_typed_values():
     (["grpo.learning_rate=fast"], "grpo.learning_rate: Input should be a valid number"),
     (["grpo.rewards={speed: 1}"], "unknown reward(s) ['speed']"),
     (["grpo.trl_args={not_a_trl_arg: 1}"], "grpo.trl_args.not_a_trl_arg: not an argument of trl.GRPOConfig"),
-    (["grpo.num_generations=3"], "per_device_train_batch_size must be a multiple of num_generations"),
+    (["grpo.num_generations=3"], ("grpo: a generation batch of 16 completions (per_device_train_batch_size 16 x 1 "
+                                  "processes x steps per generation) does not hold whole groups of num_generations 3")),
+    (["runtime.launcher=accelerate", "runtime.accelerate_config=configs/accelerate/zero2.yaml", "runtime.device=cpu",
+      "runtime.machines=2", "final_rl.per_device_train_batch_size=3"], "final_rl: a generation batch of 6"),
+    (["runtime.machines=2"], "machines and processes_per_machine size an accelerate launch; set launcher: accelerate"),
     (["final_rl.lora_alpha=32"], "final_rl: lora_alpha scales a LoRA adapter, and lora_r is 0"),
     (["data.source=gsm8k"], "needs train_path and test_path"),
     (["data.source=gsm8k", "data.train_path=/nowhere.jsonl", "data.test_path=/nowhere.jsonl"],
@@ -88,6 +92,24 @@ def test_bad_config_names_the_key(overrides, message):
         load_profile(None, overrides)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_the_group_check_is_trls_rule(tmp_path):
+    """Whole prompt groups in a generation batch over all processes: a per-device batch may be
+    smaller than the group, as TRL allows."""
+    from trl import GRPOConfig
+
+    launch = ["runtime.launcher=accelerate", "runtime.accelerate_config=configs/accelerate/zero2.yaml"]
+    profile = load_profile(None, [*launch, "runtime.device=cpu", "runtime.processes_per_machine=2",
+                                  "grpo.per_device_train_batch_size=4", "grpo.num_generations=8"])
+    assert profile.grpo.generation_batch(2) == 8
+    # on GPUs the process count is the worker's: the profile loads, and TRL checks when the stage starts
+    assert load_profile(None, [*launch, "runtime.device=cuda", "grpo.per_device_train_batch_size=3"])
+    one = load_profile(None, ["grpo.per_device_train_batch_size=4", "grpo.num_generations=2",
+                              "grpo.gradient_accumulation_steps=3"]).grpo
+    trl = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, num_generations=2,
+                     gradient_accumulation_steps=3)
+    assert one.generation_batch(1) == trl.generation_batch_size == 12
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

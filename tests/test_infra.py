@@ -67,6 +67,16 @@ def test_the_images_pin_what_the_project_pins():
     assert "-r /tmp/stage-requirements.txt" in image and "--no-deps /opt/r1flow" in image
 
 
+def test_the_stage_image_has_a_compiler_and_the_docs_state_the_driver():
+    """Triton compiles its launcher with a C compiler when vLLM first runs; PyPI's torch and vLLM
+    are CUDA 13 builds, so a GPU machine needs driver R580 or newer, and the docs say so."""
+    installs = [line for line in (INFRA / "stage.Containerfile").read_text().splitlines() if "apt-get install" in line]
+    assert installs and "gcc" in installs[0].split() and "libc6-dev" in installs[0].split()
+    for doc in (INFRA / "README.md", INFRA.parent / "README.md"):
+        text = " ".join(doc.read_text().split())
+        assert "CUDA 13" in text and "R580 or newer" in text and "CUDA 12.9" in text, doc
+
+
 def test_every_stage_has_its_deployment():
     """A stage the pipeline sends to `r1flow-stage/{stage}` must be deployed (infra/prefect.yaml)."""
     import yaml

@@ -9,7 +9,10 @@ from components.config import load_profile
 from components.stage_io import StageSpec
 from components.trainer import trl_arguments
 from flows import keys
+from flows import machines as machines_module
 from flows.keys import Artifact, code_version, planned_keys, stage_key
+from flows.launch import launch_command
+from flows.machines import machines
 from flows.recipe import STAGES
 
 PROJECT = Path(__file__).parents[1]
@@ -106,9 +109,58 @@ def test_stage_key_follows_the_accelerate_config_content(tmp_path):
     profile = load_profile(None, ["runtime.launcher=accelerate", f"runtime.accelerate_config={accelerate}"])
     inputs = {"model": Artifact("/m", "k1")}
     keys = {module: stage_key(module, getattr(profile, module), inputs, profile) for module in ("grpo", "evaluate")}
-    accelerate.write_text(ACCELERATE.read_text().replace("num_processes: 1", "num_processes: 2"))
-    assert stage_key("grpo", profile.grpo, inputs, profile) != keys["grpo"]  # world size changes training
+    accelerate.write_text(ACCELERATE.read_text().replace("zero_stage: 2", "zero_stage: 3"))
+    assert stage_key("grpo", profile.grpo, inputs, profile) != keys["grpo"]  # the ZeRO stage changes training
     assert stage_key("evaluate", profile.evaluate, inputs, profile) == keys["evaluate"]  # not evaluation
+
+
+def test_machines_and_processes_come_from_the_profile_so_every_machine_computes_one_key(monkeypatch):
+    launch = ["runtime.launcher=accelerate", f"runtime.accelerate_config={ACCELERATE}", "runtime.device=cpu"]
+    one, two = (load_profile(None, [*launch, f"runtime.machines={n}"]) for n in (1, 2))
+    inputs = {"model": Artifact("/m", "k1")}
+    sender = stage_key("grpo", two.grpo, inputs, two)  # the orchestrator: no rank in its environment
+    for rank in ("0", "1"):  # each machine of the launch: its place, and nothing else, from the environment
+        monkeypatch.setenv("R1FLOW_MACHINE_RANK", rank)
+        monkeypatch.setenv("R1FLOW_MAIN_PROCESS_IP", "10.0.0.1")
+        assert stage_key("grpo", two.grpo, inputs, two) == sender
+        assert machines("grpo", two).rank == int(rank) and machines("grpo", one) is None
+        assert machines("evaluate", two) is None  # one process: no launch across machines
+    assert sender != stage_key("grpo", one.grpo, inputs, one)
+    per_machine = load_profile(None, [*launch, "runtime.machines=2", "runtime.processes_per_machine=2"])
+    assert stage_key("grpo", per_machine.grpo, inputs, per_machine) != sender
+    assert stage_key("evaluate", per_machine.evaluate, inputs, per_machine) == stage_key("evaluate", one.evaluate,
+                                                                                        inputs, one)
+    monkeypatch.setenv("R1FLOW_MACHINE_RANK", "2")
+    with pytest.raises(ValueError, match="R1FLOW_MACHINE_RANK 2 is not a rank of runtime.machines 2"):
+        machines("grpo", two)
+    monkeypatch.delenv("R1FLOW_MAIN_PROCESS_IP")
+    with pytest.raises(ValueError, match="runtime.machines is 2: each machine needs R1FLOW_MAIN_PROCESS_IP"):
+        machines("grpo", two)
+    monkeypatch.setenv("R1FLOW_NUM_MACHINES", "2")  # an older r1flow's setting: refused, not half-obeyed
+    with pytest.raises(ValueError, match="R1FLOW_NUM_MACHINES is not read"):
+        machines("grpo", one)
+
+
+def test_the_launch_starts_processes_per_machine_times_machines(monkeypatch, tmp_path):
+    launch = ["runtime.launcher=accelerate", f"runtime.accelerate_config={ACCELERATE}", "runtime.device=cpu"]
+    monkeypatch.setenv("R1FLOW_MACHINE_RANK", "1")
+    monkeypatch.setenv("R1FLOW_MAIN_PROCESS_IP", "10.0.0.1")
+
+    def started(*overrides: str) -> list[str]:
+        command = launch_command("grpo", tmp_path / "spec.json", load_profile(None, [*launch, *overrides]))
+        at = command.index("--num_processes")
+        return command[at + 1 : at + 2] + (command[command.index("--num_machines") + 1 :][:3:2]
+                                           if "--num_machines" in command else [])
+
+    assert started() == ["1"]  # on CPU: one process a machine unless the profile says
+    assert started("runtime.processes_per_machine=3") == ["3"]
+    assert started("runtime.machines=2", "runtime.processes_per_machine=2") == ["4", "2", "1"]  # total, count, rank
+    # on GPU: one per GPU the stage environment sees (its own torch, not the orchestrator's)
+    monkeypatch.setattr(machines_module, "visible_gpus", lambda python: 8)
+    assert started("runtime.device=cuda", "runtime.machines=2") == ["16", "2", "1"]
+    monkeypatch.setattr(machines_module, "visible_gpus", lambda python: 0)
+    with pytest.raises(ValueError, match="runtime.device is cuda and .* sees no GPU"):
+        started("runtime.device=cuda")
 
 
 def test_bf16_on_cpu_is_a_runtime_setting_in_the_stage_key(tmp_path):

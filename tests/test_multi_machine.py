@@ -1,6 +1,8 @@
-"""One training stage across two machines: two network namespaces made here, each running its
-share of an `accelerate launch` with DeepSpeed ZeRO-2 over gloo (CPU). Inputs come from the stage
-store (SeaweedFS on the test's bridge); rank 0's machine writes the output and the MLflow records."""
+"""One training stage across two machines: two network namespaces made here, each running two
+processes of an `accelerate launch` with DeepSpeed ZeRO-2 over gloo (CPU). Inputs come from the
+stage store (SeaweedFS on the test's bridge); rank 0's machine writes the output and the MLflow
+records. The profile says how many machines and processes; each machine's environment gives only its
+rank and rank 0's address."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import pytest
 from helpers import Hosts
 from transformers import AutoModelForCausalLM
 
+from components.config import load_profile
+from flows.keys import planned_keys
 from flows.servers import Ports, Stack, free_port, prefect_server, seaweedfs, stop, wait_for
 
 pytestmark = pytest.mark.slow
@@ -36,21 +40,19 @@ def machines(tmp_path_factory):
         servers.append(seaweedfs(folder / "seaweedfs", stack.host, stack.ports.s3, keys))
         servers.append(prefect_server(folder, stack))
         wait_for(f"{stack.prefect_api}/health", servers[1], 180)
-        launch = folder / "zero2-two-machines.yaml"  # num_processes is the total: one process a machine
-        launch.write_text((ROOT / "configs/accelerate/zero2.yaml").read_text().replace("num_processes: 1",
-                                                                                      "num_processes: 2"))
         base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
         port = 29400 + os.getpid() % 500
 
-        def env(name: str, across: bool = True) -> dict:
-            machine = {"R1FLOW_NUM_MACHINES": "2", "R1FLOW_MACHINE_RANK": str(hosts.names.index(name)),
-                       "R1FLOW_MAIN_PROCESS_IP": hosts.host_address("m0"), "R1FLOW_MAIN_PROCESS_PORT": str(port),
-                       "GLOO_SOCKET_IFNAME": hosts.interface(name)}
-            return {**base, **stack.environment(), "R1FLOW_ROOT": str(hosts.root(name)), "OMP_NUM_THREADS": "1",
-                    **(machine if across else {})}
+        def env(name: str) -> dict:
+            place = {"R1FLOW_MACHINE_RANK": str(hosts.names.index(name)), "R1FLOW_MAIN_PROCESS_IP":
+                     hosts.host_address("m0"), "R1FLOW_MAIN_PROCESS_PORT": str(port),
+                     "GLOO_SOCKET_IFNAME": hosts.interface(name)}
+            return {**base, **stack.environment(), **place, "R1FLOW_ROOT": str(hosts.root(name)),
+                    "OMP_NUM_THREADS": "1"}
 
         overrides = ["store=s3://r1flow/machines", "runtime.device=cpu", "runtime.launcher=accelerate",
-                     f"runtime.accelerate_config={launch}", "cold_start.max_steps=6"]
+                     f"runtime.accelerate_config={ROOT / 'configs/accelerate/zero2.yaml'}", "runtime.machines=2",
+                     "runtime.processes_per_machine=2", "cold_start.max_steps=6"]
         for name in hosts.names:
             hosts.root(name).mkdir()
         yield {"hosts": hosts, "env": env, "overrides": overrides}
@@ -59,19 +61,19 @@ def machines(tmp_path_factory):
         stop(servers)
 
 
-def r1flow_only(machines: dict, host: str, stage: str, across: bool = True):
+def r1flow_only(machines: dict, host: str, stage: str):
     args = [a for o in machines["overrides"] for a in ("--set", o)]
     command = [str(BIN / "r1flow"), "run", "--config", "configs/micro.yaml", *args, "--only", stage]
     hosts = machines["hosts"]
     log = hosts.root(host) / f"{stage}.log"
-    return hosts.start(host, command, machines["env"](host, across), ROOT, log), log
+    return hosts.start(host, command, machines["env"](host), ROOT, log), log
 
 
 @pytest.fixture(scope="module")
 def inputs(machines):
     """The training stages' inputs, made once on machine 0 and uploaded to the store."""
     for upstream in ("data", "base"):
-        process, log = r1flow_only(machines, "m0", upstream, across=False)
+        process, log = r1flow_only(machines, "m0", upstream)
         assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
 
 
@@ -82,15 +84,18 @@ def test_a_training_stage_spans_two_machines(machines, inputs, stage):
     for process, log in started:
         assert process.wait(timeout=900) == 0, log.read_text()[-4000:]
     folders = list((hosts.root("m0") / ".r1flow" / "stages" / stage).glob("[0-9a-f]*"))
-    assert len(folders) == 1
+    # one key on this side (no place in the environment, as an orchestrator sending the stage) and on both machines
+    key = planned_keys(load_profile(ROOT / "configs/micro.yaml", machines["overrides"]))[stage]
+    assert [f.name for f in folders] == [key]
+    assert f"recorded by machine rank 0 (stage key {key})" in started[1][1].read_text()
     result = json.loads((folders[0] / "result.json").read_text())
-    assert result["world_size"] == 2 and result["machines"] == 2 and result["deepspeed_zero_stage"] == 2
+    assert result["world_size"] == 4 and result["machines"] == 2 and result["deepspeed_zero_stage"] == 2
     assert AutoModelForCausalLM.from_pretrained(folders[0] / "model").num_parameters() > 0
     # rank 0's machine recorded the stage in MLflow, with the world size and the machine count
     with sqlite3.connect(hosts.root("m0") / ".r1flow" / "mlflow.db") as db:
         recorded = dict(db.execute("SELECT m.key, m.value FROM metrics m JOIN runs r ON m.run_uuid = r.run_uuid "
                                    "WHERE r.name = ? AND m.key IN ('world_size', 'machines')", (stage,)).fetchall())
-    assert recorded == {"world_size": 2.0, "machines": 2.0}
+    assert recorded == {"world_size": 4.0, "machines": 2.0}
     # the other machine fetched the inputs and trained its share, and recorded nothing
     assert (hosts.root("m1") / ".r1flow" / "stages" / "base").exists()
     assert not list((hosts.root("m1") / ".r1flow" / "stages" / stage).iterdir())  # no output, no scratch left
