@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import random
+import shutil
 import struct
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ from components.stage_io import (
     seed_everything,
     write_result,
 )
+from components.store import Store
 
 
 def pretraining_corpus(cfg: ModelConfig, seed: int, template: str, tokenizer) -> list[tuple[str, str]]:
@@ -325,9 +327,19 @@ def convert_gguf(cfg: ModelConfig, out: Path) -> dict:
 
 
 def copy_hf(cfg: ModelConfig, out: Path) -> dict:
-    model = load_model(cfg.path)  # safetensors only, and no remote code: stage outputs must load without it
-    save_model(model, load_tokenizer(cfg.path), out)
-    return {"parameters": model.num_parameters(), "source": cfg.path}
+    """A Hugging Face folder or id, or a folder in the store (``s3://``, downloaded and checked
+    against its manifest), saved as the stage's model in its own dtype: a bf16 model stays bf16."""
+    source = out.parent / "download" if cfg.path.startswith("s3://") else cfg.path
+    try:
+        if source != cfg.path and not Store.at(cfg.path).get("", source):
+            raise FileNotFoundError(f"model folder {cfg.path}: no complete folder there (no manifest.json); upload it "
+                                    f"with `r1flow upload FOLDER {cfg.path}`")
+        model = load_model(source, dtype="auto")  # safetensors only, and no remote code
+        save_model(model, load_tokenizer(source), out)
+    finally:
+        if source != cfg.path:
+            shutil.rmtree(source, ignore_errors=True)
+    return {"parameters": model.num_parameters(), "source": cfg.path, "dtype": str(model.dtype).removeprefix("torch.")}
 
 
 def run(cfg: ModelConfig, seed: int, template: str, output: Path, checkpoints: Path | None = None,

@@ -102,11 +102,14 @@ def use_bf16(device: str, precision: str = "auto") -> bool:
     return precision == "bf16" or (precision == "auto" and device == "cuda")
 
 
-def load_model(path: str | Path, device: str = "cpu", for_training: bool = False, precision: str = "auto"):
+def load_model(path: str | Path, device: str = "cpu", for_training: bool = False, precision: str = "auto",
+               dtype: str | torch.dtype | None = None):
     """A model from safetensors. Training keeps fp32 master weights (the trainer's ``bf16`` autocasts;
-    bf16 weights would lose small AdamW updates); generation runs in bf16 where ``use_bf16``."""
+    bf16 weights would lose small AdamW updates); generation runs in bf16 where ``use_bf16``.
+    ``dtype``: that one instead ("auto": the dtype its config names)."""
     check_model_folder(path)
-    dtype = torch.bfloat16 if use_bf16(device, precision) and not for_training else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if use_bf16(device, precision) and not for_training else torch.float32
     return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, dtype=dtype,
                                                 trust_remote_code=False).to(device)
 

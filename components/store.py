@@ -15,6 +15,7 @@ never from a profile, so no URL or spec here ever holds one.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -84,6 +85,7 @@ class Store:
         return _s3(endpoint(), os.environ.get("AWS_ACCESS_KEY_ID"))
 
     def path(self, relative: str) -> str:
+        relative = relative.lstrip("/")  # "" is the store's own prefix: its files are "/<name>" under it
         return f"{self.url}/{relative}" if relative else self.url
 
     def manifest(self, relative: str) -> dict | None:
@@ -149,3 +151,13 @@ class Store:
             fs.rm_file(self.path(f"{relative}/{MANIFEST}"))
         except FileNotFoundError:
             pass
+
+
+def stored_folder_key(url: str, what: str) -> str:
+    """A folder uploaded to an ``s3://`` URL with its manifest (``r1flow upload``), keyed by the
+    manifest's content: the sha256 of every file, without downloading one."""
+    manifest = Store.at(url).manifest("")
+    if manifest is None:
+        raise FileNotFoundError(f"{what} {url}: no complete folder there (no manifest.json); upload it with "
+                                f"`r1flow upload FOLDER {url}`, which lists every file's size and sha256")
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]

@@ -34,6 +34,7 @@ PrefectFileOption = typer.Option(Path("infra/prefect.yaml"), help="the deploymen
 PoolOption = typer.Option(["cpu", "gpu"], "--pool", help="process work pools to create if missing")
 SetOption = typer.Option(None, "--set", "-s", help="override a key, e.g. --set grpo.learning_rate=5e-5")
 SummaryOption = typer.Option(None, help="also write the summary (run ids, metrics, versions, stages) as JSON here")
+FolderArgument = typer.Argument(..., help="a local folder, e.g. a Hugging Face model")
 ServersFolderOption = typer.Option(None, help="the servers' data and logs (default: servers/ in the workspace)")
 
 
@@ -279,6 +280,25 @@ def deploy(prefect_file: Path = PrefectFileOption, pools: list[str] = PoolOption
         _fail(f"prefect deploy failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     console.print(f"deployed {prefect_file}: `prefect deployment ls` lists them; start workers with "
                   f"`prefect worker start --pool {pools[0]}`")
+
+
+@app.command()
+def upload(folder: Path = FolderArgument,
+           url: str = typer.Argument(..., help="s3://bucket/prefix to put it at (credentials and endpoint: AWS_*)")):
+    """Put a folder into the S3 store with a manifest of its files (sizes, sha256), as a profile's
+    ``base.path`` reads it: a model that every worker fetches, checks file by file, and keys by
+    that manifest."""
+    from components.config import has_credentials
+    from components.store import Store
+
+    if not folder.is_dir():
+        _fail(f"upload: {folder} is not a folder", 2)
+    if not url.startswith("s3://") or has_credentials(url):
+        _fail("upload: the destination must be s3://bucket/prefix, with no credentials in it (they come from "
+              "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)", 2)
+    manifest = Store.at(url).put(folder, "")
+    size = sum(f["size"] for f in manifest["files"].values())
+    console.print(f"uploaded {len(manifest['files'])} files ({size / 1e6:.1f} MB) to {url} with their manifest")
 
 
 async def _ensure_pools(names: list[str]) -> list[str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from components.config import Profile, Section, content_hash, plain_template
 from components.digest import content_sha256
 from components.stage_io import split_ref
+from components.store import stored_folder_key
 from flows.machines import accelerated
 from flows.recipe import RECIPE, Step, section
 
@@ -56,10 +57,12 @@ class StageOutput:
 
 def inputs_of(step: Step, outputs: dict[str, StageOutput], profile: Profile) -> dict[str, Artifact]:
     """A recipe step's inputs from its upstream outputs; the data stage's are the files a profile
-    imports, keyed by content."""
+    imports, keyed by content, and a base stage's a model folder in the store, keyed by its manifest."""
     if step.module == "data":
         files = {"train": profile.data.train_path, "test": profile.data.test_path}
         return {name: Artifact(str(path), content_sha256(path)) for name, path in files.items() if path is not None}
+    if step.module == "base" and (path := section(profile, step).path or "").startswith("s3://"):
+        return {"source": Artifact(path, stored_folder_key(path, f"{step.section}.path"))}
     refs = {name: split_ref(ref) for name, ref in step.inputs.items()}
     return {name: outputs[stage].artifact(file) for name, (stage, file) in refs.items()}
 

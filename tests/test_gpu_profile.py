@@ -26,6 +26,17 @@ def test_the_gpu_profile_builds_trl_configs_with_vllm_rollouts(monkeypatch, tmp_
     assert args.use_vllm and args.vllm_mode == "colocate" and args.bf16
     assert args.vllm_gpu_memory_utilization == 0.3 and args.vllm_tensor_parallel_size == 1
     assert args.num_generations == 16 and args.max_completion_length == 1024 and args.save_strategy == "steps"
+    assert args.gradient_checkpointing and profile.cold_start.gradient_checkpointing and \
+        profile.sft.gradient_checkpointing
+
+
+def test_the_gpu_profile_trains_on_every_gpu_and_names_no_local_path():
+    profile = load_profile(ROOT / "configs" / "qwen-gpu.yaml")
+    assert profile.runtime.processes_per_machine is None and profile.runtime.known_processes() is None  # every GPU
+    # the prompts a step its comments give: 8 on one node of 8 GPUs, 16 on two
+    assert [profile.grpo.generation_batch(gpus) // profile.grpo.num_generations for gpus in (8, 16)] == [8, 16]
+    # what a worker on a fresh machine (a Kubernetes pod) has: the store, not this checkout's folders
+    assert profile.base.path.startswith("s3://")
 
 
 def test_server_mode_passes_the_server_address(tmp_path):

@@ -125,3 +125,48 @@ def test_pretraining_killed_on_one_worker_resumes_on_another_from_the_store(s3, 
     straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     resumed = load_file(tmp_path / "second" / "model" / "model.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_base_model_from_the_store_is_checked_keyed_by_its_manifest_and_keeps_its_dtype(s3, random_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from components.config import load_profile
+    from components.modeling import load_tokenizer, save_model
+    from flows.cli import app
+    from flows.keys import inputs_of, planned_keys
+    from flows.recipe import recipe_step
+    from flows.stages import StageFailed, run_stage
+
+    bf16 = save_model(AutoModelForCausalLM.from_pretrained(random_model, dtype=torch.bfloat16),
+                      load_tokenizer(random_model), tmp_path / "bf16")
+    url = s3.path("models/tiny")
+    upload = CliRunner().invoke(app, ["upload", str(bf16), url])
+    assert upload.exit_code == 0 and "uploaded 6 files" in upload.output, upload.output
+    profile = load_profile(Path(__file__).parents[1] / "configs" / "micro.yaml",
+                           ["runtime.device=cpu", "base.source=hf", f"base.path={url}"])
+
+    def base_stage(workspace: Path):
+        return run_stage("base", "base", profile.base, inputs_of(recipe_step("base"), {}, profile), profile, workspace)
+
+    key = planned_keys(profile)["base"]
+    out = base_stage(tmp_path / "worker")
+    assert out.key == key and out.result["dtype"] == "bfloat16" and out.result["source"] == url
+    weights = load_file(out.folder / "model" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}  # not widened to fp32: half the bytes to move
+    assert not (out.folder / "download").exists()
+    # a flipped byte in the store is named, and the stage leaves nothing behind
+    blob = s3.path("models/tiny/model.safetensors")
+    data = bytearray(s3.fs.cat_file(blob))
+    data[-1] ^= 1
+    s3.fs.pipe_file(blob, bytes(data))
+    with pytest.raises(StageFailed, match="model.safetensors: differs from its manifest"):
+        base_stage(tmp_path / "other")
+    assert not list((tmp_path / "other" / "stages" / "base").glob("*"))
+    # another model at the URL is another key; no model there, an error naming the URL and the command
+    assert CliRunner().invoke(app, ["upload", str(random_model), url]).exit_code == 0
+    assert planned_keys(profile)["base"] != key
+    nowhere = profile.model_copy(update={"base": profile.base.model_copy(update={"path": s3.path("models/none")})})
+    with pytest.raises(FileNotFoundError, match=r"base.path s3://.*/models/none: no complete folder there .*"
+                                                r"`r1flow upload FOLDER"):
+        planned_keys(nowhere)
