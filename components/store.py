@@ -131,6 +131,16 @@ class Store:
         (destination / MANIFEST).write_text(json.dumps(manifest, indent=1))
         return True
 
+    def write_text(self, relative: str, text: str) -> None:
+        """One small object (a note between machines); a reader sees all of it or none."""
+        self.fs.pipe_file(self.path(relative), text.encode())
+
+    def read_text(self, relative: str) -> str | None:
+        try:
+            return self.fs.cat_file(self.path(relative)).decode()
+        except FileNotFoundError:
+            return None
+
     def folders(self, relative: str) -> list[str]:
         """The names of the folders directly under ``relative`` (complete or not)."""
         try:

@@ -23,7 +23,7 @@ from components.config import Profile, content_hash
 from components.stage_io import ERROR_MARK, read_metrics
 from flows.forkserver import ForkServer
 from flows.keys import COMPONENTS
-from flows.machines import accelerated, machines, on_cpu, processes_per_machine, stage_python
+from flows.machines import accelerated, machines, main_address, on_cpu, processes_per_machine, stage_python
 
 PRELOAD = [f"components.{m}" for m in ("data", "base", "sft", "grpo", "rejection_sampling", "evaluate")]
 PROGRESS_EVERY = 30.0  # seconds between progress lines where stderr is no terminal (CI, worker logs)
@@ -58,7 +58,8 @@ def launch_command(module: str, spec: Path, profile: Profile) -> list[str]:
     total = processes_per_machine(profile) * profile.runtime.machines
     across = [] if group is None else [
         "--num_machines", str(group.count), "--machine_rank", str(group.rank), "--main_process_ip",
-        group.main_ip, "--main_process_port", str(group.main_port), "--deepspeed_multinode_launcher", "standard"]
+        main_address(group, profile), "--main_process_port", str(group.main_port),
+        "--deepspeed_multinode_launcher", "standard"]
     return [python, "-m", "accelerate.commands.launch", "--config_file", str(profile.runtime.accelerate_config),
             "--num_processes", str(total), *across, "-m", f"components.{module}", "--spec", str(spec)]
 

@@ -89,9 +89,9 @@ def run_stages(ctx: Context, wanted: set[str], force: set[str], done: dict | Non
     outputs = dict(done or {})
     for s in RECIPE:
         if s.name in wanted and s.name not in outputs:
-            inputs = inputs_of(s, outputs, ctx.profile)
-            outputs[s.name] = remote_stage(ctx, s, inputs, s.name in force) if sent_to_gpu(ctx, s) else \
-                value(stage(ctx, s, inputs, s.name in force))
+            inputs, forced = inputs_of(s, outputs, ctx.profile), s.name in force
+            outputs[s.name] = remote_stage(ctx, s, inputs, forced) if sent_to_gpu(ctx, s, inputs, forced) else \
+                value(stage(ctx, s, inputs, forced))
     return outputs
 
 
@@ -148,19 +148,20 @@ def stage_flow(stage: str, config: str | None = None, overrides: list[str] | Non
     label = f" (only {check_stage(stage)})"
     profile = load_profile(config, overrides)
     if (group := machines(recipe_step(stage).module, profile)) is not None and group.follower:
-        return follow(stage, profile, root, group)
+        return follow(stage, profile, root, group, force)
     with pipeline_run(config, overrides, root, label=label, own_run=run_id is None) as ctx:
         out = run_only(ctx, stage, force, run_id)
         return {**summary(ctx), "stages": {stage: out.cached}, "result": out.result, "stage_run_id": out.run_id}
 
 
-def follow(stage: str, profile: Profile, root: str | None, group: Machines) -> dict:
+def follow(stage: str, profile: Profile, root: str | None, group: Machines, force: bool) -> dict:
     """A machine of rank > 0 in a multi-machine training stage: it fetches the inputs and trains
-    its share; rank 0's machine writes the output and every MLflow record."""
+    its share; rank 0's machine writes the output and every MLflow record. Where the output is
+    already in the store, rank 0 trains nothing, and neither does this machine (unless ``force``)."""
     step, workspace = recipe_step(stage), locate(profile, root).workspace
     out = run_stage(step.name, step.module, section(profile, step), cached_inputs(stage, profile, workspace), profile,
-                    workspace, force=True)
-    return {"run_id": None, "stages": {stage: False}, "key": out.key, "machine_rank": group.rank}
+                    workspace, force=force)
+    return {"run_id": None, "stages": {stage: out.cached}, "key": out.key, "machine_rank": group.rank}
 
 
 @contextmanager

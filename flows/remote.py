@@ -5,21 +5,37 @@ The MLflow run is made here and passed down, so the stage logs under this pipeli
 anyone searching for it. With a stage store (``profile.store``), the worker may be another
 machine: it keeps its own workspace (``R1FLOW_ROOT``), takes the stage's inputs from the store and
 puts its output there, where this side fetches it. Without one, the workspace must be shared.
+
+A training stage across ``runtime.machines`` machines is one flow run per machine, each with its
+rank and a rendezvous id in its job variables' ``env`` (the machines meet in the store:
+``flows.machines.main_address``); when one fails, the others are cancelled.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import replace
 
-from flows.keys import Artifact, StageOutput
-from flows.recipe import Step
-from flows.stages import StageFailed, cached_output
+from flows import cache
+from flows.keys import Artifact, StageOutput, stage_key
+from flows.machines import accelerated
+from flows.recipe import Step, section
+from flows.stages import StageFailed, cached_output, reuse
+
+POLL_SECONDS = 5.0  # between looks at the flow runs of a stage across machines
 
 
-def sent_to_gpu(ctx, step: Step) -> bool:
+def sent_to_gpu(ctx, step: Step, inputs: dict[str, Artifact], force: bool) -> bool:
+    """Whether the stage goes to the GPU pool. One across machines whose output the store holds
+    already is not sent: reused here, it trains nothing and needs no machine."""
     runtime = ctx.profile.runtime
-    return runtime.gpu_deployment is not None and step.module in runtime.gpu_components
+    if runtime.gpu_deployment is None or step.module not in runtime.gpu_components:
+        return False
+    if runtime.machines > 1 and accelerated(step.module, ctx.profile) and not force:
+        key = stage_key(step.module, section(ctx.profile, step), inputs, ctx.profile)
+        return not reuse(cache.store_of(ctx.profile), ctx.place.workspace, step.name, key)
+    return True
 
 
 def remote_stage(ctx, step: Step, inputs: dict[str, Artifact], force: bool) -> StageOutput:
@@ -35,16 +51,46 @@ def remote_stage(ctx, step: Step, inputs: dict[str, Artifact], force: bool) -> S
                           "SQLite store; set tracking.tracking_uri to an MLflow server (`r1flow servers`)")
     # With a store, the worker's own root holds its workspace: this machine's path means nothing there.
     source = {**ctx.source, "root": None} if ctx.profile.store else ctx.source
+    count = ctx.profile.runtime.machines if accelerated(step.module, ctx.profile) else 1
     with ctx.tracker.child_run(step.name, ctx.parent_run, {"component": step.module}) as run_id:
+        # across machines every one trains (the store holds no output: ``sent_to_gpu``), so none waits for
+        # a rank 0 that found one
+        parameters = {**source, "stage": step.name, "run_id": run_id, "force": force or count > 1}
         try:
-            run = run_deployment(deployment, timeout=None, flow_run_name=step.name,
-                                 parameters={**source, "stage": step.name, "run_id": run_id, "force": force})
+            states = across_machines(run_deployment, deployment, step.name, parameters, count) if count > 1 else \
+                [run_deployment(deployment, timeout=None, flow_run_name=step.name, parameters=parameters).state]
         except ObjectNotFound:
             raise StageFailed(f"stage {step.name!r}: no Prefect deployment {deployment!r} on the server "
                               "(runtime.gpu_deployment); `r1flow deploy` registers infra/prefect.yaml") from None
-        if not run.state.is_completed():
-            raise StageFailed(f"stage {step.name!r} on deployment {deployment!r} ended {run.state.name}: "
-                              f"{run.state.message or 'see the Prefect UI'}")
+        for rank, state in enumerate(states):
+            if not state.is_completed():
+                where = f" (machine rank {rank})" if count > 1 else ""
+                raise StageFailed(f"stage {step.name!r} on deployment {deployment!r}{where} ended {state.name}: "
+                                  f"{state.message or 'see the Prefect UI'}")
     ctx.seconds[step.name] = time.time() - started
     cached = ctx.tracker.run(run_id).tags.get("cached") == "True"
     return replace(cached_output(step, inputs, ctx.profile, ctx.place.workspace), cached=cached, run_id=run_id)
+
+
+def across_machines(run_deployment, deployment: str, name: str, parameters: dict, count: int) -> list:
+    """One flow run per machine, each told its rank and where to meet the others; waits for all
+    of them, and cancels the rest as soon as one fails (they would wait for it). Their states."""
+    from prefect import get_client
+    from prefect.states import Cancelling
+
+    rendezvous = uuid.uuid4().hex
+    runs = [run_deployment(deployment, timeout=0, flow_run_name=f"{name}-rank{rank}", parameters=parameters,
+                           job_variables={"env": {"R1FLOW_MACHINE_RANK": str(rank), "R1FLOW_RENDEZVOUS": rendezvous}})
+            for rank in range(count)]
+    with get_client(sync_client=True) as client:
+        while True:  # as long as the stage trains: hours on a cluster
+            states = [client.read_flow_run(run.id).state for run in runs]
+            if any(s.is_final() and not s.is_completed() for s in states):
+                for run, state in zip(runs, states):
+                    if not state.is_final():
+                        client.set_flow_run_state(run.id, Cancelling(message="another machine of the stage failed"),
+                                                  force=True)
+                return states
+            if all(s.is_completed() for s in states):
+                return states
+            time.sleep(POLL_SECONDS)

@@ -39,11 +39,11 @@ def run_stage(name: str, module: str, config: Section, inputs: dict[str, Artifac
     """The stage's keyed output: reused unless ``force``, else made now."""
     key = stage_key(module, config, inputs, profile)
     store = cache.store_of(profile)
+    if not force and reuse(store, workspace, name, key):
+        return _output(name, cache.stage_folder(workspace, name, key), key, cached=True)
     group = machines(module, profile)
     if group is not None:  # every machine of a multi-machine launch trains its share
         return _output(name, _train(name, module, config, inputs, profile, workspace, total_steps, key, group), key)
-    if not force and reuse(store, workspace, name, key):
-        return _output(name, cache.stage_folder(workspace, name, key), key, cached=True)
     # Another run may be making this very output: the first trains it, the others wait and reuse it.
     with exclusive(f"stage-{name}-{key}", workspace / "locks", waiting=f"{name}: another run is making {key}; waiting"):
         if not force and reuse(store, workspace, name, key):

@@ -108,10 +108,11 @@ def start_servers(stack: Stack, backend: str, folder: Path) -> subprocess.Popen:
     return process
 
 
-def start_worker(cluster: dict, host: str) -> subprocess.Popen:
+def start_worker(cluster: dict, host: str, *more: str, env: dict | None = None) -> subprocess.Popen:
     hosts = cluster["hosts"]
-    return hosts.start(host, [str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--name", f"{host}-worker"],
-                       cluster["env"](host, copy=False), hosts.root(host) / "root", hosts.root(host) / "worker.log")
+    return hosts.start(host, [str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--name", f"{host}-worker",
+                              *more], {**cluster["env"](host, copy=False), **(env or {})}, hosts.root(host) / "root",
+                       hosts.root(host) / "worker.log")
 
 
 def overrides(cluster: dict, *more: str) -> list[str]:
@@ -230,6 +231,34 @@ def test_grpo_killed_on_one_host_resumes_on_another_from_the_store(cluster, pipe
     versions = MlflowClient(cluster["stack"].tracking_uri).search_model_versions("name = 'r1flow-r1-zero'")
     assert sorted(v.tags["stage_key"] for v in versions) == sorted({v.tags["stage_key"] for v in versions})
     assert len(versions) == 2
+
+
+def test_a_training_stage_sent_to_two_machines_is_trained_by_both_and_evaluated(cluster, pipeline):
+    """``r1flow run`` sends R1-Zero to two workers of the gpu pool, one flow run each with its rank;
+    they meet in the store, train it as one DeepSpeed job, and eval_r1_zero reads the output."""
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    hosts = cluster["hosts"]
+    for name in ("gpu", "gpu2"):  # a fresh worker on each, one flow run at a time: one rank per machine
+        hosts.kill(name)
+        start_worker(cluster, name, "--limit", "1", env={"GLOO_SOCKET_IFNAME": hosts.interface(name),
+                                                          "OMP_NUM_THREADS": "1"})
+    two = overrides(cluster, "runtime.gpu_deployment=r1flow-stage/{stage}", "runtime.gpu_components=[grpo]",
+                    "runtime.launcher=accelerate", "runtime.accelerate_config=configs/accelerate/zero2.yaml",
+                    "runtime.machines=2", "stages=[eval_r1_zero]")
+    summary = r1flow(cluster, "cpu", [arg for o in two for arg in ("--set", o)])
+    assert summary["stages"]["r1_zero"] is False and "r1_zero" in summary["metrics"]
+    key = planned_keys(load_profile(ROOT / "configs/micro.yaml", two))["r1_zero"]
+    with temporary_settings({PREFECT_API_URL: cluster["stack"].prefect_api}), get_client(sync_client=True) as client:
+        runs = [r for r in client.read_flow_runs() if r.name in ("r1_zero-rank0", "r1_zero-rank1")]
+    assert len(runs) == 2 and all(r.state.is_completed() for r in runs)
+    assert {r.labels["prefect.worker.name"] for r in runs} == {"gpu-worker", "gpu2-worker"}
+    result = json.loads(bucket(cluster).read_text(f"stages/r1_zero/{key}/result.json"))
+    assert result["world_size"] == 2 and result["machines"] == 2
+    # run again: the store holds it, so nothing is sent and no machine trains
+    again = r1flow(cluster, "cpu", [arg for o in two for arg in ("--set", o)])
+    assert again["stages"]["r1_zero"] is True
 
 
 def test_no_credential_reaches_a_record(cluster, pipeline):

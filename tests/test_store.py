@@ -170,3 +170,30 @@ def test_a_base_model_from_the_store_is_checked_keyed_by_its_manifest_and_keeps_
     with pytest.raises(FileNotFoundError, match=r"base.path s3://.*/models/none: no complete folder there .*"
                                                 r"`r1flow upload FOLDER"):
         planned_keys(nowhere)
+
+
+def test_machines_sent_a_stage_meet_in_the_store(s3, monkeypatch):
+    """Rank 0 writes the address it reaches the store from; another machine waits for it there."""
+    import threading
+
+    from components.config import load_profile
+    from flows.machines import Machines, machines, main_address
+
+    zero2 = Path(__file__).parents[1] / "configs" / "accelerate" / "zero2.yaml"
+    profile = load_profile(None, ["runtime.launcher=accelerate", f"runtime.accelerate_config={zero2}",
+                                  "runtime.device=cpu", "runtime.machines=2", f"store={s3.url}"])
+    monkeypatch.setenv("R1FLOW_MACHINE_RANK", "1")
+    monkeypatch.setenv("R1FLOW_RENDEZVOUS", secrets.token_hex(4))
+    follower = machines("grpo", profile)
+    assert follower.main_ip is None and follower.rank == 1
+    found = []
+    waiting = threading.Thread(target=lambda: found.append(main_address(follower, profile)))
+    waiting.start()  # before rank 0 has said anything
+    time.sleep(1.5)
+    assert not found
+    rank0 = Machines(2, 0, None, 29500, follower.rendezvous)
+    assert main_address(rank0, profile) == "127.0.0.1"  # the store answers on loopback here
+    waiting.join(timeout=30)
+    assert found == ["127.0.0.1"]
+    with pytest.raises(ValueError, match="needs a store"):
+        main_address(follower, profile.model_copy(update={"store": None}))
