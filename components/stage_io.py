@@ -170,10 +170,11 @@ def keep_checkpoint(written: Path, folder: Path, metrics: Path, store: str | Non
     return target
 
 
-def fetch_checkpoint(folder: Path, store: str) -> None:
+def fetch_checkpoint(folder: Path, store: str, part: str = "") -> None:
     """Download the store's newest complete checkpoint into ``folder`` when it is newer than any
     here: a stage started on an empty worker continues where a killed one left off. The runner
-    calls it before starting the stage, so a stage process touches the store only to upload."""
+    calls it before starting the stage, so a stage process touches the store only to upload.
+    ``part``: a checkpoint across machines, this machine's share of it (``machine-<rank>``)."""
     remote = Store.at(store)
     steps = [int(name.removeprefix("checkpoint-")) for name in remote.folders("")
              if name.removeprefix("checkpoint-").isdigit()]
@@ -183,7 +184,7 @@ def fetch_checkpoint(folder: Path, store: str) -> None:
     name = f"checkpoint-{newest}"
     scratch = folder / f".download-{name}-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
-    if remote.get(name, scratch):
+    if remote.get(name, scratch, part):
         shutil.rmtree(folder / name, ignore_errors=True)
         os.replace(scratch, folder / name)
         print(f"fetched {name} from {remote.url}", flush=True)

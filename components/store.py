@@ -98,37 +98,49 @@ class Store:
     def put(self, folder: Path, relative: str) -> dict:
         """Upload a complete local folder: every file, then its manifest (what marks it complete).
         A folder uploaded again (a forced rerun) is incomplete while its files are replaced."""
-        fs, manifest = self.fs, manifest_of(folder)
-        self._unmark(fs, relative)
-        names = list(manifest["files"])
-        if names:  # one call for all files: s3fs sends them concurrently
-            fs.put([str(folder / n) for n in names], [self.path(f"{relative}/{n}") for n in names])
-        fs.pipe_file(self.path(f"{relative}/{MANIFEST}"), json.dumps(manifest, indent=1).encode())
+        self._unmark(self.fs, relative)
+        manifest = self.put_files(folder, relative)
+        self.mark_complete(relative, manifest)
         return manifest
 
-    def get(self, relative: str, destination: Path) -> bool:
+    def put_files(self, folder: Path, relative: str) -> dict:
+        """Upload a local folder's files, not yet marked complete (several machines may each put
+        their part of one folder); returns their manifest."""
+        manifest = manifest_of(folder)
+        names = list(manifest["files"])
+        if names:  # one call for all files: s3fs sends them concurrently
+            self.fs.put([str(folder / n) for n in names], [self.path(f"{relative}/{n}") for n in names])
+        return manifest
+
+    def mark_complete(self, relative: str, manifest: dict) -> None:
+        self.fs.pipe_file(self.path(f"{relative}/{MANIFEST}"), json.dumps(manifest, indent=1).encode())
+
+    def get(self, relative: str, destination: Path, part: str = "") -> bool:
         """Download a complete folder into ``destination`` (which must not exist yet), each file
-        checked against the manifest; False when the store holds no complete folder there."""
+        checked against the manifest; False when the store holds no complete folder there.
+        ``part``: only the files under that subfolder (one machine's share), without its name."""
         manifest = self.manifest(relative)
         if manifest is None:
             return False
+        prefix = f"{part}/" if part else ""
+        files = {name.removeprefix(prefix): expected for name, expected in manifest["files"].items()
+                 if name.startswith(prefix)}
         fs = self.fs
         destination.mkdir(parents=True)
         try:
-            names = list(manifest["files"])
-            for name in names:
+            for name in files:
                 (destination / name).parent.mkdir(parents=True, exist_ok=True)
-            if names:
-                fs.get([self.path(f"{relative}/{n}") for n in names], [str(destination / n) for n in names])
-            for name, expected in manifest["files"].items():
+            if files:
+                fs.get([self.path(f"{relative}/{prefix}{n}") for n in files], [str(destination / n) for n in files])
+            for name, expected in files.items():
                 target = destination / name
                 if target.stat().st_size != expected["size"] or file_sha256(target) != expected["sha256"]:
-                    raise CorruptObject(f"{self.path(f'{relative}/{name}')}: differs from its manifest "
+                    raise CorruptObject(f"{self.path(f'{relative}/{prefix}{name}')}: differs from its manifest "
                                         "(size or sha256); delete the folder's manifest.json to have it rebuilt")
         except BaseException:
             shutil.rmtree(destination, ignore_errors=True)
             raise
-        (destination / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (destination / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
         return True
 
     def write_text(self, relative: str, text: str) -> None:

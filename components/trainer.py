@@ -8,6 +8,7 @@ stage changes no GRPO stage key, and the other way round.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from components.stage_io import (
     keep_checkpoint,
     resume_from,
 )
+from components.store import Store
 
 
 def trl_arguments(cfg: TrainSection, spec: StageSpec, device: str) -> dict:
@@ -30,14 +32,23 @@ def trl_arguments(cfg: TrainSection, spec: StageSpec, device: str) -> dict:
     doubled GRPO step time on CPU). Checkpoints are written every ``save_steps`` when the stage has a
     checkpoint folder."""
     on_cpu = device == "cpu"
+    machines, _ = machine_place()
     fields = ("learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
               "lr_scheduler_type", "warmup_steps", "logging_steps", "gradient_checkpointing")
     return {
         **{name: getattr(cfg, name) for name in fields},
         "output_dir": str(spec.output / "trainer"), "seed": spec.seed, "data_seed": spec.seed, "report_to": "none",
         "save_strategy": "steps" if spec.checkpoints else "no", "save_steps": cfg.save_steps,
-        "use_cpu": on_cpu, "bf16": use_bf16(device, spec.precision), "disable_tqdm": True, **cfg.trl_args,
+        "use_cpu": on_cpu, "bf16": use_bf16(device, spec.precision), "disable_tqdm": True,
+        # machines share no disk: each saves its own ranks' part of a checkpoint (DeepSpeed's node-local storage)
+        "save_on_each_node": machines > 1, **cfg.trl_args,
     }
+
+
+def machine_place() -> tuple[int, int]:
+    """(machines in this launch, this machine's rank), as torchrun tells every process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world // int(os.environ.get("LOCAL_WORLD_SIZE", world)), int(os.environ.get("GROUP_RANK", "0"))
 
 
 class TrainerLog(MetricsLog, TrainerCallback):
@@ -49,7 +60,8 @@ class TrainerLog(MetricsLog, TrainerCallback):
 
 
 class AtomicCheckpoints(TrainerCallback):
-    """Moves each checkpoint the Trainer has finished writing into the stage's checkpoint folder."""
+    """Moves each checkpoint the Trainer has finished writing into the stage's checkpoint folder;
+    across machines, puts every machine's part of it into the store as one checkpoint."""
 
     def __init__(self, folder: Path, metrics: Path, store: str | None = None):
         self.folder, self.metrics, self.store = folder, metrics, store
@@ -57,9 +69,33 @@ class AtomicCheckpoints(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()  # every rank's shard is written before the move
-        if state.is_world_process_zero:
-            keep_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.folder, self.metrics,
-                            self.store)
+        written = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        machines, machine = machine_place()
+        if machines > 1:
+            keep_parts(written, self.metrics, self.store, state, machine)
+        elif state.is_world_process_zero:
+            keep_checkpoint(written, self.folder, self.metrics, self.store)
+
+
+def keep_parts(written: Path, metrics: Path, store: str, state, machine: int) -> None:
+    """A checkpoint across machines: each holds its own ranks' shards, and uploads them under
+    ``machine-<rank>/``; rank 0 marks it complete with one manifest once every part is in, then
+    drops the older ones. A machine that resumes fetches its own part."""
+    remote = Store.at(store)
+    part = None
+    if state.is_world_process_zero and metrics.exists():
+        shutil.copyfile(metrics, written / "metrics.jsonl")
+    if state.is_local_process_zero:
+        files = remote.put_files(written, f"{written.name}/machine-{machine}")["files"]
+        part = {f"machine-{machine}/{name}": entry for name, entry in files.items()}
+        shutil.rmtree(written, ignore_errors=True)  # in the store now: the scratch keeps none of them
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, part)
+    if state.is_world_process_zero:
+        remote.mark_complete(written.name, {"files": {name: e for p in parts if p for name, e in p.items()}})
+        for older in remote.folders(""):
+            if older != written.name:
+                remote.remove(older)
 
 
 def callbacks(spec: StageSpec) -> list:
@@ -101,9 +137,7 @@ def save_trained(trainer, tokenizer, out: Path) -> dict:
     if trainer.is_world_process_zero():
         (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the stage's spec.json says it all
     plugin = trainer.accelerator.state.deepspeed_plugin if trainer.is_deepspeed_enabled else None
-    world = trainer.accelerator.num_processes
-    # torchrun sets LOCAL_WORLD_SIZE: the processes on this machine (every machine starts as many)
-    machines = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    world, (machines, _) = trainer.accelerator.num_processes, machine_place()
     return {"model": str(out), "world_size": world, "machines": machines,
             "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
             "deepspeed_zero_stage": plugin.zero_stage if plugin else None, "lora": lora}

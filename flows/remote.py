@@ -79,7 +79,7 @@ def across_machines(run_deployment, deployment: str, name: str, parameters: dict
     from prefect.states import Cancelling
 
     rendezvous = uuid.uuid4().hex
-    runs = [run_deployment(deployment, timeout=0, flow_run_name=f"{name}-rank{rank}", parameters=parameters,
+    runs = [run_deployment(deployment, timeout=0, flow_run_name=name, parameters=parameters,
                            job_variables={"env": {"R1FLOW_MACHINE_RANK": str(rank), "R1FLOW_RENDEZVOUS": rendezvous}})
             for rank in range(count)]
     with get_client(sync_client=True) as client:

@@ -91,11 +91,11 @@ def _train(name: str, module: str, config: Section, inputs: dict[str, Artifact],
     final, store = cache.stage_folder(workspace, name, key), cache.store_of(profile)
     tmp = cache.scratch_folder(final)
     tmp.mkdir(parents=True)
-    # Across machines, each keeps its own ZeRO shards of a checkpoint: no resume yet, so none saved.
-    checkpoints = cache.checkpoint_folder(workspace, name, key) if group is None else None
+    # Across machines each keeps its own ZeRO shards: a checkpoint lives in the store, a part per machine.
+    checkpoints = cache.checkpoint_folder(workspace, name, key) if group is None or store else None
     remote = cache.checkpoint_url(store, name, key) if checkpoints is not None else None
     if remote is not None:  # another worker may have got further: go on from there
-        fetch_checkpoint(checkpoints, remote)
+        fetch_checkpoint(checkpoints, remote, f"machine-{group.rank}" if group else "")
     StageSpec(stage=name, config=config.model_dump(mode="json"), output=tmp,
               inputs={k: v.path for k, v in inputs.items()}, seed=profile.seed, device=profile.runtime.device,
               precision=profile.runtime.precision, prompt_template=plain_template(profile),
@@ -108,6 +108,8 @@ def _train(name: str, module: str, config: Section, inputs: dict[str, Artifact],
         raise
     if group is not None and group.follower and code == 0:  # rank 0's machine keeps the output
         shutil.rmtree(tmp, ignore_errors=True)
+        if checkpoints is not None:
+            shutil.rmtree(checkpoints, ignore_errors=True)
         return final
     if code != 0 or not (tmp / "result.json").exists():
         kept = keep_log(tmp / "stage.log", workspace / "logs" / f"{name}-{key}.log")

@@ -251,9 +251,11 @@ def test_a_training_stage_sent_to_two_machines_is_trained_by_both_and_evaluated(
     assert summary["stages"]["r1_zero"] is False and "r1_zero" in summary["metrics"]
     key = planned_keys(load_profile(ROOT / "configs/micro.yaml", two))["r1_zero"]
     with temporary_settings({PREFECT_API_URL: cluster["stack"].prefect_api}), get_client(sync_client=True) as client:
-        runs = [r for r in client.read_flow_runs() if r.name in ("r1_zero-rank0", "r1_zero-rank1")]
-    assert len(runs) == 2 and all(r.state.is_completed() for r in runs)
-    assert {r.labels["prefect.worker.name"] for r in runs} == {"gpu-worker", "gpu2-worker"}
+        ranked = [r for r in client.read_flow_runs() if "R1FLOW_MACHINE_RANK" in (r.job_variables or {}).get("env", {})]
+    runs = {r.job_variables["env"]["R1FLOW_MACHINE_RANK"]: r for r in ranked}
+    assert len(ranked) == 2 and set(runs) == {"0", "1"} and all(r.state.is_completed() for r in ranked)
+    assert {r.name for r in ranked} == {"r1_zero"}
+    assert {r.labels["prefect.worker.name"] for r in ranked} == {"gpu-worker", "gpu2-worker"}
     result = json.loads(bucket(cluster).read_text(f"stages/r1_zero/{key}/result.json"))
     assert result["world_size"] == 2 and result["machines"] == 2
     # run again: the store holds it, so nothing is sent and no machine trains

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import sqlite3
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from helpers import Hosts
 from transformers import AutoModelForCausalLM
 
 from components.config import load_profile
+from components.store import Store
 from flows.keys import planned_keys
 from flows.servers import Ports, Stack, free_port, prefect_server, seaweedfs, stop, wait_for
 
@@ -55,14 +58,15 @@ def machines(tmp_path_factory):
                      "runtime.processes_per_machine=2", "cold_start.max_steps=6"]
         for name in hosts.names:
             hosts.root(name).mkdir()
-        yield {"hosts": hosts, "env": env, "overrides": overrides}
+        yield {"hosts": hosts, "env": env, "overrides": overrides,
+               "store_env": {**keys, "AWS_ENDPOINT_URL_S3": stack.endpoint}}
     finally:
         hosts.remove()
         stop(servers)
 
 
-def r1flow_only(machines: dict, host: str, stage: str):
-    args = [a for o in machines["overrides"] for a in ("--set", o)]
+def r1flow_only(machines: dict, host: str, stage: str, *more: str):
+    args = [a for o in [*machines["overrides"], *more] for a in ("--set", o)]
     command = [str(BIN / "r1flow"), "run", "--config", "configs/micro.yaml", *args, "--only", stage]
     hosts = machines["hosts"]
     log = hosts.root(host) / f"{stage}.log"
@@ -101,3 +105,32 @@ def test_a_training_stage_spans_two_machines(machines, inputs, stage):
     assert not list((hosts.root("m1") / ".r1flow" / "stages" / stage).iterdir())  # no output, no scratch left
     assert not (hosts.root("m1") / ".r1flow" / "mlflow.db").exists()
     assert "recorded by machine rank 0" in (hosts.root("m1") / f"{stage}.log").read_text()
+
+
+def test_a_stage_across_machines_resumes_from_its_checkpoint_on_two_fresh_machines(machines, inputs):
+    """Each machine puts its ranks' part of a checkpoint into the store, and rank 0 marks it complete;
+    both machines die, two with empty folders take over, and each fetches its own part."""
+    hosts, store = machines["hosts"], Store.at("s3://r1flow/machines")
+    longer = ("grpo.max_steps=4", "grpo.save_steps=2", "grpo.heldout_every=0")
+    key = planned_keys(load_profile(ROOT / "configs/micro.yaml", [*machines["overrides"], *longer]))["r1_zero"]
+    checkpoint = f"checkpoints/r1_zero/{key}/checkpoint-2"
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in machines["store_env"].items():
+            env.setenv(name, value)
+        started = [r1flow_only(machines, name, "r1_zero", *longer) for name in hosts.names]
+        for _ in range(1200):  # until the first checkpoint is complete in the store: at most 10 min
+            if store.manifest(checkpoint) is not None or any(p.poll() is not None for p, _ in started):
+                break
+            time.sleep(0.5)
+        manifest = store.manifest(checkpoint)
+        assert manifest is not None, started[0][1].read_text()[-3000:]
+        assert {name.split("/")[0] for name in manifest["files"]} == {"machine-0", "machine-1"}
+        for name in hosts.names:  # both machines die; two fresh ones (empty folders) take the stage up
+            hosts.kill(name)
+            shutil.rmtree(hosts.root(name) / ".r1flow")
+        resumed = [r1flow_only(machines, name, "r1_zero", *longer) for name in hosts.names]
+        for process, log in resumed:
+            assert process.wait(timeout=900) == 0, log.read_text()[-4000:]
+        result = json.loads(store.read_text(f"stages/r1_zero/{key}/result.json"))
+        assert result["resumed_from_step"] >= 2 and result["steps"] == 4 and result["world_size"] == 4
+        assert not store.folders(f"checkpoints/r1_zero/{key}")  # dropped once the stage is in the store
