@@ -34,12 +34,14 @@ def trl_arguments(cfg: TrainSection, spec: StageSpec, device: str) -> dict:
     on_cpu = device == "cpu"
     machines, _ = machine_place()
     fields = ("learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-              "lr_scheduler_type", "warmup_steps", "logging_steps", "gradient_checkpointing")
+              "lr_scheduler_type", "warmup_steps", "logging_steps")
     return {
         **{name: getattr(cfg, name) for name in fields},
         "output_dir": str(spec.output / "trainer"), "seed": spec.seed, "data_seed": spec.seed, "report_to": "none",
         "save_strategy": "steps" if spec.checkpoints else "no", "save_steps": cfg.save_steps,
         "use_cpu": on_cpu, "bf16": use_bf16(device, spec.precision), "disable_tqdm": True,
+        # set only when asked: transformers 5.24 warns on every mention of it (renamed activation_checkpointing)
+        **({"gradient_checkpointing": True} if cfg.gradient_checkpointing else {}),
         # machines share no disk: each saves its own ranks' part of a checkpoint (DeepSpeed's node-local storage)
         "save_on_each_node": machines > 1, **cfg.trl_args,
     }
@@ -86,6 +88,11 @@ def keep_parts(written: Path, metrics: Path, store: str, state, machine: int) ->
     if state.is_world_process_zero and metrics.exists():
         shutil.copyfile(metrics, written / "metrics.jsonl")
     if state.is_local_process_zero:
+        # DeepSpeed writes its `latest` tag file on global rank 0 only, node-local storage or not; every
+        # machine's part needs it to load its own shards
+        tags = [d.name for d in written.glob("global_step*") if d.is_dir()]
+        if not (written / "latest").exists() and len(tags) == 1:
+            (written / "latest").write_text(tags[0])
         files = remote.put_files(written, f"{written.name}/machine-{machine}")["files"]
         part = {f"machine-{machine}/{name}": entry for name, entry in files.items()}
         shutil.rmtree(written, ignore_errors=True)  # in the store now: the scratch keeps none of them

@@ -57,7 +57,7 @@ def remote_stage(ctx, step: Step, inputs: dict[str, Artifact], force: bool) -> S
         # a rank 0 that found one
         parameters = {**source, "stage": step.name, "run_id": run_id, "force": force or count > 1}
         try:
-            states = across_machines(run_deployment, deployment, step.name, parameters, count) if count > 1 else \
+            states = across_machines(deployment, step.name, parameters, count) if count > 1 else \
                 [run_deployment(deployment, timeout=None, flow_run_name=step.name, parameters=parameters).state]
         except ObjectNotFound:
             raise StageFailed(f"stage {step.name!r}: no Prefect deployment {deployment!r} on the server "
@@ -72,10 +72,11 @@ def remote_stage(ctx, step: Step, inputs: dict[str, Artifact], force: bool) -> S
     return replace(cached_output(step, inputs, ctx.profile, ctx.place.workspace), cached=cached, run_id=run_id)
 
 
-def across_machines(run_deployment, deployment: str, name: str, parameters: dict, count: int) -> list:
+def across_machines(deployment: str, name: str, parameters: dict, count: int) -> list:
     """One flow run per machine, each told its rank and where to meet the others; waits for all
     of them, and cancels the rest as soon as one fails (they would wait for it). Their states."""
     from prefect import get_client
+    from prefect.deployments import run_deployment
     from prefect.states import Cancelling
 
     rendezvous = uuid.uuid4().hex
