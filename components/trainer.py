@@ -40,8 +40,8 @@ def trl_arguments(cfg: TrainSection, spec: StageSpec, device: str) -> dict:
         "output_dir": str(spec.output / "trainer"), "seed": spec.seed, "data_seed": spec.seed, "report_to": "none",
         "save_strategy": "steps" if spec.checkpoints else "no", "save_steps": cfg.save_steps,
         "use_cpu": on_cpu, "bf16": use_bf16(device, spec.precision), "disable_tqdm": True,
-        # set only when asked: transformers 5.24 warns on every mention of it (renamed activation_checkpointing)
-        **({"gradient_checkpointing": True} if cfg.gradient_checkpointing else {}),
+        # always said: TRL's SFTConfig turns it on by default (transformers 5.24 warns that it is renamed)
+        "gradient_checkpointing": cfg.gradient_checkpointing,
         # machines share no disk: each saves its own ranks' part of a checkpoint (DeepSpeed's node-local storage)
         "save_on_each_node": machines > 1, **cfg.trl_args,
     }

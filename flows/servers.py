@@ -76,9 +76,14 @@ def s3_keys(folder: Path) -> dict[str, str]:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port free now, below 55536: some SeaweedFS parts dial a port + 10000 whatever their flags
+    say (seen: a plugin worker dialling "70099" for an admin port of 60099)."""
+    for _ in range(100):  # the kernel hands out 32768-60999: four in five fit
+        with socket.socket() as s:
+            s.bind((host, 0))
+            if (port := s.getsockname()[1]) < 55536:
+                return port
+    raise OSError(f"no free port below 55536 on {host} in 100 tries")
 
 
 def seaweedfs(folder: Path, host: str, port: int, keys: dict[str, str]) -> subprocess.Popen:
