@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# What to run first on a GPU node (one machine, every GPU), in about 10 minutes: the GPU check on one
+# What to run first on a GPU node (one machine, every GPU), meant to fit 10 minutes (its timeouts: 5 + 5 + 10;
+# not yet timed on a GPU): the GPU check on one
 # GPU (SFT and GRPO speed, then GRPO with TRL's vLLM rollouts), then R1-Zero and the cold start of the
 # GPU profile end to end on every GPU, a few steps each, evaluated through vLLM. Nothing is
 # downloaded: without BASE the base is a random Qwen2.5-0.5B-shaped model (its scores mean nothing;
@@ -19,11 +20,11 @@ mkdir -p "$OUT"
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpus.csv"
 
-# 1. One GPU: training and rollout speed (about 3 minutes).
+# 1. One GPU: training and rollout speed.
 timeout 300 "$STAGE_PYTHON" bench/gpu_check.py --steps 5 | tee "$OUT/gpu_check.txt"
 timeout 300 "$STAGE_PYTHON" bench/gpu_check.py --steps 5 --vllm colocate | tee "$OUT/gpu_check_vllm.txt"
 
-# 2. The GPU profile on every GPU (about 7 minutes): SFT and GRPO under accelerate with DeepSpeed,
+# 2. The GPU profile on every GPU: SFT and GRPO under accelerate with DeepSpeed,
 #    one process per GPU, rollouts and evaluation through vLLM.
 BASE=${1:-}
 if [ -z "$BASE" ]; then
