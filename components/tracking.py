@@ -60,35 +60,6 @@ class VersionRecord:
         return f"{self.name}/{self.version}"
 
 
-class Unreachable(ConnectionError):
-    """The tracking server or database does not answer; the message names the URI."""
-
-
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, naming the URI, when an MLflow server (http) or database (postgresql) does not
-    answer: MLflow's own client retries for minutes before it gives up."""
-    scheme = uri.partition(":")[0]
-    try:
-        if scheme in ("http", "https"):
-            import urllib.request
-
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
-                return
-        if scheme.startswith("postgresql"):
-            import sqlalchemy
-
-            sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(timeout)}).connect().close()
-    except Exception as error:  # noqa: BLE001  (whatever the transport says, the answer is the same)
-        reason = getattr(error, "reason", None) or str(error).splitlines()[0]
-        raise Unreachable(f"MLflow tracking at {redact(uri)} is unreachable ({reason}); start it, or set "
-                          "tracking.tracking_uri to one that answers") from None
-
-
-def redact(uri: str) -> str:
-    """A URI without the password it may carry."""
-    return re.sub(r"(//[^/:@]+):[^/@]*@", r"\1:***@", uri)
-
-
 def metric_name(key: str) -> str:
     """MLflow metric names allow ``[/\\w.\\- :]``: ``pass@1`` becomes ``pass_at_1``."""
     return re.sub(r"[^/\w.\- :]", "_", key.replace("@", "_at_"))

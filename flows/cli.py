@@ -67,11 +67,13 @@ def run(config: Path | None = ConfigOption, overrides: list[str] | None = SetOpt
         if name not in STAGES:
             _fail(f"unknown stage {name!r}; stages: {', '.join(STAGES)}", 2)
     config, profile, _ = _profile(config, overrides)
-    if profile.tracking.tracking_uri:  # a server that does not answer: say so before anything starts
-        from components.tracking import check_reachable
+    if profile.tracking.tracking_uri:  # a server that does not answer: say so before Prefect or MLflow loads
+        from components.reachable import Unreachable, check_reachable
 
-        with _reported("pipeline"):
+        try:
             check_reachable(profile.tracking.tracking_uri)
+        except Unreachable as error:
+            _fail(f"pipeline failed: {error}")
     from flows.pipeline import r1_pipeline, stage_flow
 
     # SIGTERM (a Prefect cancellation, `kill`, a container stop) unwinds like Ctrl-C: the stage process

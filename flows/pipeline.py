@@ -27,8 +27,9 @@ from prefect.states import Completed, State
 
 from components import versioning
 from components.config import Profile, content_hash, load_profile
+from components.reachable import check_reachable
 from components.stage_io import split_ref
-from components.tracking import Tracker, check_reachable
+from components.tracking import Tracker
 from flows import cache
 from flows.keys import Artifact, StageOutput, inputs_of, stage_key
 from flows.locks import exclusive
