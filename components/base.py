@@ -41,7 +41,7 @@ from components.stage_io import (
     seed_everything,
     write_result,
 )
-from components.store import Store
+from components.store import Store, no_folder
 
 
 def pretraining_corpus(cfg: ModelConfig, seed: int, template: str, tokenizer) -> list[tuple[str, str]]:
@@ -332,8 +332,7 @@ def copy_hf(cfg: ModelConfig, out: Path) -> dict:
     source = out.parent / "download" if cfg.path.startswith("s3://") else cfg.path
     try:
         if source != cfg.path and not Store.at(cfg.path).get("", source):
-            raise FileNotFoundError(f"model folder {cfg.path}: no complete folder there (no manifest.json); upload it "
-                                    f"with `r1flow upload FOLDER {cfg.path}`")
+            raise no_folder(cfg.path, "model folder")
         model = load_model(source, dtype="auto")  # safetensors only, and no remote code
         save_model(model, load_tokenizer(source), out)
     finally:

@@ -180,6 +180,11 @@ def stored_folder_key(url: str, what: str) -> str:
     manifest's content: the sha256 of every file, without downloading one."""
     manifest = Store.at(url).manifest("")
     if manifest is None:
-        raise FileNotFoundError(f"{what} {url}: no complete folder there (no manifest.json); upload it with "
-                                f"`r1flow upload FOLDER {url}`, which lists every file's size and sha256")
+        raise no_folder(url, what)
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def no_folder(url: str, what: str) -> FileNotFoundError:
+    """The error for an ``s3://`` folder that was never (completely) uploaded: how to upload it."""
+    return FileNotFoundError(f"{what} {url}: no complete folder there (no manifest.json); upload it with "
+                             f"`r1flow upload FOLDER {url}`, which lists every file's size and sha256")
