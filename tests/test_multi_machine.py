@@ -65,20 +65,24 @@ def machines(tmp_path_factory):
         stop(servers)
 
 
-def r1flow_only(machines: dict, host: str, stage: str, *more: str):
-    args = [a for o in [*machines["overrides"], *more] for a in ("--set", o)]
-    command = [str(BIN / "r1flow"), "run", "--config", "configs/micro.yaml", *args, "--only", stage]
+def r1flow(machines: dict, host: str, name: str, *args: str):
+    """`r1flow run` of the micro profile on a machine, logging to ``<name>.log``."""
+    sets = [a for o in machines["overrides"] for a in ("--set", o)]
+    command = [str(BIN / "r1flow"), "run", "--config", "configs/micro.yaml", *sets, *args]
     hosts = machines["hosts"]
-    log = hosts.root(host) / f"{stage}.log"
+    log = hosts.root(host) / f"{name}.log"
     return hosts.start(host, command, machines["env"](host), ROOT, log), log
+
+
+def r1flow_only(machines: dict, host: str, stage: str, *more: str):
+    return r1flow(machines, host, stage, *[a for o in more for a in ("--set", o)], "--only", stage)
 
 
 @pytest.fixture(scope="module")
 def inputs(machines):
-    """The training stages' inputs, made once on machine 0 and uploaded to the store."""
-    for upstream in ("data", "base"):
-        process, log = r1flow_only(machines, "m0", upstream)
-        assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
+    """The training stages' inputs, made once on machine 0 (one run) and uploaded to the store."""
+    process, log = r1flow(machines, "m0", "inputs", "--set", "stages=[data,base]")
+    assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
 
 
 @pytest.mark.parametrize("stage", ["cold_start", "r1_zero"])  # SFT, then GRPO
