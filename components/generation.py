@@ -1,7 +1,8 @@
 """The generator backend: k sampled completions per prompt, from transformers or vLLM.
 
-transformers' ``generate`` is the CPU path; vLLM (GPU stage environment only) is imported lazily
-so this module loads anywhere. Both return, per prompt, k completions as text plus token counts.
+transformers' ``generate`` runs in any environment; vLLM only in the vLLM stage environment, and is
+imported lazily (``components.vllm_engine``) so this module loads anywhere. Both return, per prompt,
+k completions as text plus token counts.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 import torch
 from rich.progress import Progress
 
-from components.modeling import check_model_folder, load_model, load_tokenizer, pick_device
+from components.modeling import load_model, load_tokenizer, pick_device
+from components.vllm_engine import start_engine
 
 
 @dataclass(frozen=True)
@@ -31,17 +33,23 @@ class Completion:
     finished: bool  # ended with EOS rather than by hitting max_new_tokens
 
 
-def generate(model_dir: str | Path, prompts: list[str], sampling: Sampling, *, seed: int = 0,
+def generate(model_dir: str | Path, prompts: list[str], samplings: list[Sampling], *, seed: int = 0,
              batch_size: int = 64, device: str = "auto", backend: str = "transformers",
-             label: str = "generating", precision: str = "auto") -> list[list[Completion]]:
-    """k completions for each prompt (prompts are already rendered through the chat template)."""
-    if backend == "vllm":
-        return _generate_vllm(model_dir, prompts, sampling, seed)
+             labels: list[str] | None = None, precision: str = "auto",
+             vllm: dict | None = None) -> list[list[list[Completion]]]:
+    """For each of ``samplings``, k completions for each prompt (prompts are already rendered
+    through the chat template), from one model load or one vLLM engine (``vllm``: its settings)."""
     device = pick_device(device)
+    labels = labels or ["generating"] * len(samplings)
+    if backend == "vllm":
+        return _generate_vllm(model_dir, prompts, samplings, seed, device, precision, vllm or {})
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, device, precision=precision).eval()
-    torch.manual_seed(seed)
-    return sample(model, tokenizer, prompts, sampling, batch_size=batch_size, label=label)
+    results = []
+    for sampling, label in zip(samplings, labels):
+        torch.manual_seed(seed)
+        results.append(sample(model, tokenizer, prompts, sampling, batch_size=batch_size, label=label))
+    return results
 
 
 def sample(model, tokenizer, prompts: list[str], sampling: Sampling, *, batch_size: int = 64,
@@ -80,15 +88,16 @@ def _completion(tokenizer, ids: torch.Tensor) -> Completion:
     return Completion(tokenizer.decode(ids, skip_special_tokens=True), len(ids), finished)
 
 
-def _generate_vllm(model_dir, prompts: list[str], sampling: Sampling, seed: int) -> list[list[Completion]]:
-    from vllm import LLM, SamplingParams  # GPU stage environment only
+def _generate_vllm(model_dir, prompts: list[str], samplings: list[Sampling], seed: int, device: str,
+                   precision: str, settings: dict) -> list[list[list[Completion]]]:
+    from vllm import SamplingParams  # the vLLM stage environment only
 
-    check_model_folder(model_dir)  # vLLM would load pickle weights too
-    llm = LLM(model=str(model_dir), seed=seed)
-    params = SamplingParams(
-        n=sampling.k, temperature=0.0 if sampling.greedy else sampling.temperature,
-        top_p=1.0 if sampling.greedy else sampling.top_p, max_tokens=sampling.max_new_tokens, seed=seed)
-    return [
-        [Completion(c.text, len(c.token_ids), c.finish_reason == "stop") for c in request.outputs]
-        for request in llm.generate(prompts, params)
-    ]
+    llm = start_engine(model_dir, settings, device, precision, seed)
+    results = []
+    for sampling in samplings:
+        params = SamplingParams(
+            n=sampling.k, temperature=0.0 if sampling.greedy else sampling.temperature,
+            top_p=1.0 if sampling.greedy else sampling.top_p, max_tokens=sampling.max_new_tokens, seed=seed)
+        results.append([[Completion(c.text, len(c.token_ids), c.finish_reason == "stop") for c in request.outputs]
+                        for request in llm.generate(prompts, params, use_tqdm=False)])
+    return results

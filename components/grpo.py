@@ -31,6 +31,7 @@ from components.trainer import (
     train_resumable,
     trl_arguments,
 )
+from components.vllm_engine import colocate_settings
 
 
 def prompt_dataset(records: list[dict], tokenizer, template: str | list[dict]) -> Dataset:
@@ -102,7 +103,8 @@ VLLM_FIELDS = ("vllm_mode", "vllm_gpu_memory_utilization", "vllm_tensor_parallel
 def grpo_arguments(cfg: GRPOSection, spec: StageSpec, device: str) -> GRPOConfig:
     """TRL's GRPO config for a stage; rollouts by TRL's vLLM integration when the profile asks
     (no generation code of r1flow's own on that path)."""
-    vllm = {"use_vllm": True, **{name: getattr(cfg, name) for name in VLLM_FIELDS}} if cfg.use_vllm else {}
+    vllm = {"use_vllm": True, **{name: getattr(cfg, name) for name in VLLM_FIELDS},
+            "vllm_max_model_length": spec.vllm.get("max_model_len")} if cfg.use_vllm else {}
     return GRPOConfig(
         **trl_arguments(cfg, spec, device),
         num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
@@ -110,6 +112,20 @@ def grpo_arguments(cfg: GRPOSection, spec: StageSpec, device: str) -> GRPOConfig
         loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards,
         reward_weights=[cfg.rewards[n] for n in cfg.rewards], **vllm,
     )
+
+
+def weight_sync(history: list[dict]) -> dict:
+    """With vLLM rollouts: how far vLLM's log-probs of its own samples were from the trained policy's
+    (|difference| per token; the worst step's mean, and the largest of all). vLLM samples from the
+    weights TRL pushed to it at that step: near zero says they arrived at every step (fp32 on this
+    CPU: under 1e-6), stale weights widen it (1e-2 after 3 steps without a push). bf16 engines
+    differ from the trainer's numerics by more, even in sync."""
+    gap = "sampling/sampling_logp_difference/"
+    rows = [row for row in history if f"{gap}mean" in row]
+    if not rows:
+        return {}
+    return {"vllm_logp_gap_mean": max(row[f"{gap}mean"] for row in rows),
+            "vllm_logp_gap_max": max(row[f"{gap}max"] for row in rows)}
 
 
 def lora_config(cfg: GRPOSection):
@@ -129,6 +145,8 @@ def run(spec: StageSpec) -> dict:
     tokenizer = load_tokenizer(spec.inputs["model"], padding_side="left")
     names = list(cfg.rewards)
     args = grpo_arguments(cfg, spec, device)
+    if cfg.use_vllm:
+        colocate_settings(spec.vllm, device, spec.precision)
     trainer = GRPOTrainer(
         model=load_model(spec.inputs["model"], device, for_training=True), args=args, processing_class=tokenizer,
         peft_config=lora_config(cfg),
@@ -146,7 +164,7 @@ def run(spec: StageSpec) -> dict:
     result = {**save_trained(trainer, tokenizer, spec.output / "model"), "steps": trainer.state.global_step,
               "resumed_from_step": resumed,
               **loss_summary(history, "reward"),
-              **loss_summary(history, "completions/mean_length")}
+              **loss_summary(history, "completions/mean_length"), **weight_sync(history)}
     write_result(spec.output, result)
     return result
 

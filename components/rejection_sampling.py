@@ -53,11 +53,11 @@ def run(spec: StageSpec) -> dict:
     records = load_jsonl(spec.inputs["data"])[: cfg.max_prompts]
     tokenizer = load_tokenizer(spec.inputs["model"])
     prompts = [render_prompt(tokenizer, r["question"], spec.prompt_template) for r in records]
-    samples = generate(
+    [samples] = generate(
         spec.inputs["model"], prompts,
-        Sampling(k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens),
+        [Sampling(k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)],
         seed=spec.seed, batch_size=cfg.batch_size, device=spec.device, backend=spec.generation_backend,
-        label="rejection sampling", precision=spec.precision,
+        labels=["rejection sampling"], precision=spec.precision, vllm=spec.vllm,
     )
     traces, totals = [], {"wrong": 0, "malformed": 0, "mixed_language": 0, "duplicate": 0}
     prompts_kept = 0

@@ -35,6 +35,7 @@ class StageSpec:
     precision: str = "auto"  # runtime.precision: bf16, fp32, or auto (bf16 on GPU only)
     prompt_template: str | list[dict] = "{question}"  # or chat turns ending in the question's
     generation_backend: str = "transformers"
+    vllm: dict = field(default_factory=dict)  # runtime.vllm: the engine settings of a stage that uses vLLM
     checkpoints: Path | None = None  # where complete checkpoints live across attempts (crash resume)
     checkpoint_store: str | None = None  # and their copy in the stage store, for a resume on another worker
 

@@ -74,6 +74,13 @@ def run(config: Path | None = ConfigOption, overrides: list[str] | None = SetOpt
             check_reachable(profile.tracking.tracking_uri)
         except Unreachable as error:
             _fail(f"pipeline failed: {error}")
+    from flows.recipe import selected
+    from flows.vllm_stages import check_vllm
+
+    try:  # before Prefect loads, as the pipeline does again before any stage
+        check_vllm(profile, {only} if only else selected(profile))
+    except ValueError as error:
+        _fail(f"pipeline failed: {error}")
     from flows.pipeline import r1_pipeline, stage_flow
 
     # SIGTERM (a Prefect cancellation, `kill`, a container stop) unwinds like Ctrl-C: the stage process

@@ -21,6 +21,7 @@ from components.stage_io import split_ref
 from components.store import stored_folder_key
 from flows.machines import accelerated
 from flows.recipe import RECIPE, Step, section
+from flows.vllm_stages import environment_identity, uses_vllm
 
 COMPONENTS = Path(__file__).resolve().parents[1] / "components"
 # The config schema is not code that runs: a stage's config *values* (defaults included) are in
@@ -109,6 +110,8 @@ def runtime_identity(module: str, profile: Profile) -> dict:
 def stage_key(module: str, config: Section, inputs: dict[str, Artifact], profile: Profile) -> str:
     shared = {"seed": profile.seed, "template": plain_template(profile),
               "runtime": runtime_identity(module, profile)}
+    if uses_vllm(module, config, profile):  # another environment, and an engine of its own
+        shared["runtime"]["vllm"] = environment_identity(profile)
     return content_hash(module, code_version(module), config, {k: v.key for k, v in sorted(inputs.items())},
                         shared)[:16]
 

@@ -30,15 +30,17 @@ PROGRESS_EVERY = 30.0  # seconds between progress lines where stderr is no termi
 _FORK_SERVERS: dict[tuple, ForkServer] = {}
 
 
-def run_process(name: str, module: str, folder: Path, profile: Profile, total_steps: int | None) -> int:
-    """Start the stage's process on ``folder/spec.json``, logging to ``folder/stage.log``, and
-    follow it to its end; returns its exit code. Ctrl-C or a cancelled flow stops it first."""
+def run_process(name: str, module: str, folder: Path, profile: Profile, total_steps: int | None,
+                python: str | None = None) -> int:
+    """Start the stage's process in ``python`` (default: the stage environment's) on
+    ``folder/spec.json``, logging to ``folder/stage.log``, and follow it to its end; returns its
+    exit code. Ctrl-C or a cancelled flow stops it first."""
     cpu = on_cpu(profile)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
            **({"DS_ACCELERATOR": "cpu"} if cpu else {})}
     spec, log = folder / "spec.json", folder / "stage.log"
     log.touch()
-    process = start(module, spec, log, profile, env, warm=cpu)
+    process = start(module, spec, log, profile, env, python or stage_python(profile), warm=cpu)
     try:
         follow(process, name, folder / "metrics.jsonl", total_steps)
     except BaseException:
@@ -48,8 +50,8 @@ def run_process(name: str, module: str, folder: Path, profile: Profile, total_st
     return process.returncode
 
 
-def launch_command(module: str, spec: Path, profile: Profile) -> list[str]:
-    python = stage_python(profile)
+def launch_command(module: str, spec: Path, profile: Profile, python: str | None = None) -> list[str]:
+    python = python or stage_python(profile)
     if not accelerated(module, profile):
         return [python, "-m", f"components.{module}", "--spec", str(spec)]
     group = machines(module, profile)
@@ -64,9 +66,9 @@ def launch_command(module: str, spec: Path, profile: Profile) -> list[str]:
             "--num_processes", str(total), *across, "-m", f"components.{module}", "--spec", str(spec)]
 
 
-def start(module: str, spec: Path, log: Path, profile: Profile, env: dict, warm: bool):
+def start(module: str, spec: Path, log: Path, profile: Profile, env: dict, python: str, warm: bool):
     """Forked from a warm server for CPU stages in this environment, else a plain process."""
-    if warm and profile.runtime.launcher == "python" and profile.runtime.stage_python is None:
+    if warm and profile.runtime.launcher == "python" and python == sys.executable:
         server = _fork_server(env)
         if server.busy.acquire(blocking=False):  # another stage is running on it: start a plain one
             try:
@@ -75,7 +77,8 @@ def start(module: str, spec: Path, log: Path, profile: Profile, env: dict, warm:
                 server.busy.release()
                 raise
     with log.open("w") as out:
-        return subprocess.Popen(launch_command(module, spec, profile), stdout=out, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(launch_command(module, spec, profile, python), stdout=out,
+                                stderr=subprocess.STDOUT, env=env)
 
 
 def _fork_server(env: dict) -> ForkServer:

@@ -28,6 +28,7 @@ from components.jsonl import write_jsonl
 from components.tracking import NotFound, Tracker
 from flows.keys import Artifact
 from flows.stages import run_stage
+from flows.vllm_stages import check_interpreter, uses_vllm
 from flows.workspace import Place, locate
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -116,6 +117,8 @@ def evaluate_model(model: str, benchmark: str, config: str | None = None, overri
     folder, model_key = model_folder(model, tracker, workspace)
     data = benchmark_file(place, profile, benchmark)
     settings = profile.evaluate.model_copy(update={"limit": limit})
+    if uses_vllm("evaluate", settings, profile):
+        check_interpreter(profile, [f"eval_{benchmark}"])
     inputs = {"model": Artifact(str(folder), model_key), "data": Artifact(str(data), file_sha256(data))}
     started = time.time()
     data_hash = versioning.data_hash(place.root, profile.data_dir.as_posix())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,10 +35,11 @@ from flows.keys import Artifact, StageOutput, inputs_of, stage_key
 from flows.locks import exclusive
 from flows.machines import Machines, machines
 from flows.outputs import record, report, validate
-from flows.recipe import RECIPE, Step, check_stage, downstream, recipe_step, section, upstream
+from flows.recipe import RECIPE, Step, check_stage, downstream, recipe_step, section, selected
 from flows.registry import register
 from flows.remote import remote_stage, sent_to_gpu
 from flows.stages import cached_inputs, run_stage
+from flows.vllm_stages import check_vllm
 from flows.workspace import Place, locate
 
 TRAINING_STEPS = {"base": "pretrain_steps", "sft": "max_steps", "grpo": "max_steps"}
@@ -116,13 +117,6 @@ def run_only(ctx: Context, name: str, force: bool, run_id: str | None) -> StageO
     return value(stage(ctx, recipe_step(name), cached_inputs(name, ctx.profile, ctx.place.workspace), force, run_id))
 
 
-def selected(profile: Profile) -> set[str]:
-    """The profile's ``stages`` and everything they need; all stages when it names none."""
-    if profile.stages is None:
-        return {s.name for s in RECIPE}
-    return {"data"}.union(*({check_stage(name), *upstream(name)} for name in profile.stages))
-
-
 # --- flows ----------------------------------------------------------------------------------
 @flow(name="r1flow", log_prints=True)
 def r1_pipeline(config: str | None = None, overrides: list[str] | None = None, root: str | None = None,
@@ -150,7 +144,7 @@ def stage_flow(stage: str, config: str | None = None, overrides: list[str] | Non
     profile = load_profile(config, overrides)
     if (group := machines(recipe_step(stage).module, profile)) is not None and group.follower:
         return follow(stage, profile, root, group, force)
-    with pipeline_run(config, overrides, root, label=label, own_run=run_id is None) as ctx:
+    with pipeline_run(config, overrides, root, label=label, own_run=run_id is None, stages=lambda _: {stage}) as ctx:
         out = run_only(ctx, stage, force, run_id)
         return {**summary(ctx), "stages": {stage: out.cached}, "result": out.result, "stage_run_id": out.run_id}
 
@@ -167,10 +161,13 @@ def follow(stage: str, profile: Profile, root: str | None, group: Machines, forc
 
 @contextmanager
 def pipeline_run(config: str | None, overrides: list[str] | None, root: str | None, tags: dict | None = None,
-                 label: str = "", own_run: bool = True) -> Iterator[Context]:
+                 label: str = "", own_run: bool = True,
+                 stages: Callable[[Profile], set[str]] = selected) -> Iterator[Context]:
     """The run's context, inside its MLflow parent run (none for a stage sent here to log into a
-    run of its own): finished on success, failed on any error."""
+    run of its own): finished on success, failed on any error. ``stages``: those it will run, whose
+    vLLM environment is checked first."""
     profile = load_profile(config, overrides)
+    check_vllm(profile, stages(profile))
     place = locate(profile, root)
     place.workspace.mkdir(parents=True, exist_ok=True)
     check_reachable(place.tracking_uri)  # before anything trains: seconds, not MLflow's minutes of retries

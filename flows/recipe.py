@@ -84,3 +84,10 @@ def upstream(name: str) -> set[str]:
 def downstream(name: str) -> set[str]:
     """Every stage that reads ``name``'s output, directly or not."""
     return {s for s in STAGES if name in upstream(s)}
+
+
+def selected(profile: Profile) -> set[str]:
+    """The profile's ``stages`` and everything they need; all stages when it names none."""
+    if profile.stages is None:
+        return {s.name for s in RECIPE}
+    return {"data"}.union(*({check_stage(name), *upstream(name)} for name in profile.stages))

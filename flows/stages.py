@@ -24,6 +24,7 @@ from flows.launch import failure, keep_log, run_process
 from flows.locks import exclusive
 from flows.machines import Machines, machines
 from flows.recipe import RECIPE, Step, recipe_step, section, upstream
+from flows.vllm_stages import interpreter
 
 
 class StageFailed(RuntimeError):
@@ -100,9 +101,9 @@ def _train(name: str, module: str, config: Section, inputs: dict[str, Artifact],
               inputs={k: v.path for k, v in inputs.items()}, seed=profile.seed, device=profile.runtime.device,
               precision=profile.runtime.precision, prompt_template=plain_template(profile),
               generation_backend=profile.runtime.generation_backend, checkpoints=checkpoints,
-              checkpoint_store=remote).write(tmp / "spec.json")
+              checkpoint_store=remote, vllm=profile.runtime.vllm.model_dump(mode="json")).write(tmp / "spec.json")
     try:
-        code = run_process(name, module, tmp, profile, total_steps)
+        code = run_process(name, module, tmp, profile, total_steps, interpreter(module, config, profile))
     except BaseException:  # Ctrl-C or a cancelled flow: the process is stopped; leave no half-written folder
         shutil.rmtree(tmp, ignore_errors=True)
         raise

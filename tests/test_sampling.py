@@ -15,11 +15,12 @@ WRONG = "<think>\n1+1=3\n</think>\n<answer>3</answer>"
 def test_generate_returns_k_bounded_completions(random_model):
     tokenizer = load_tokenizer(random_model)
     prompts = [render_prompt(tokenizer, f"What is {i} + 1?") for i in range(3)]
-    out = generate(random_model, prompts, Sampling(k=2, max_new_tokens=5), device="cpu", batch_size=2)
+    [out] = generate(random_model, prompts, [Sampling(k=2, max_new_tokens=5)], device="cpu", batch_size=2)
     assert [len(group) for group in out] == [2, 2, 2]
     assert all(c.tokens <= 5 for group in out for c in group)
-    greedy = generate(random_model, prompts, Sampling(k=1, max_new_tokens=5, greedy=True), device="cpu")
-    assert greedy == generate(random_model, prompts, Sampling(k=1, max_new_tokens=5, greedy=True), device="cpu")
+    one = [Sampling(k=1, max_new_tokens=5, greedy=True)]
+    [greedy] = generate(random_model, prompts, one, device="cpu")
+    assert [greedy] == generate(random_model, prompts, one, device="cpu")
 
 
 def test_score_computes_pass_at_1_cons_and_greedy():
