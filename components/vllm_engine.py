@@ -40,8 +40,15 @@ def engine_arguments(settings: dict, device: str, precision: str) -> dict:
         # The engine in the stage's own process: no second process importing vLLM again (20 s
         # instead of 66 s to a tiny model's first token here), nothing to kill at the end.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    return {"dtype": dtype(settings, device, precision), "enforce_eager": device == "cpu" if eager is None else eager,
-            **({"max_model_len": settings["max_model_len"]} if settings.get("max_model_len") else {})}
+    arguments = {"dtype": dtype(settings, device, precision),
+                 "enforce_eager": device == "cpu" if eager is None else eager,
+                 # A prompt prefilled in chunks has its sampled token discarded, and vLLM then rewinds the
+                 # request's seeded generator, which a CPU generator cannot do ("CPU Generator does not
+                 # use offset": rejection sampling, 100 prompts x 8, died so). Whole prompts only on CPU.
+                 **({"enable_chunked_prefill": False} if device == "cpu" else {}),
+                 **({"max_model_len": settings["max_model_len"]} if settings.get("max_model_len") else {})}
+    print(f"vLLM engine on {device}: {arguments}", flush=True)  # the stage log says what generated
+    return arguments
 
 
 def start_engine(model_dir, settings: dict, device: str, precision: str, seed: int):
