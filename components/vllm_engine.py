@@ -42,10 +42,6 @@ def engine_arguments(settings: dict, device: str, precision: str) -> dict:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     arguments = {"dtype": dtype(settings, device, precision),
                  "enforce_eager": device == "cpu" if eager is None else eager,
-                 # A prompt prefilled in chunks has its sampled token discarded, and vLLM then rewinds the
-                 # request's seeded generator, which a CPU generator cannot do ("CPU Generator does not
-                 # use offset": rejection sampling, 100 prompts x 8, died so). Whole prompts only on CPU.
-                 **({"enable_chunked_prefill": False} if device == "cpu" else {}),
                  **({"max_model_len": settings["max_model_len"]} if settings.get("max_model_len") else {})}
     print(f"vLLM engine on {device}: {arguments}", flush=True)  # the stage log says what generated
     return arguments
@@ -56,8 +52,13 @@ def start_engine(model_dir, settings: dict, device: str, precision: str, seed: i
     from vllm import LLM  # the vLLM stage environment only
 
     check_model_folder(model_dir)  # vLLM would load pickle weights too
+    # Each request is seeded. A prompt prefilled in chunks has its sampled token discarded and its
+    # seeded generator rewound, which a CPU generator cannot do ("CPU Generator does not use offset":
+    # rejection sampling of 100 prompts x 8 died so): whole prompts only, on CPU. (TRL's colocate
+    # engine seeds no request, and keeps chunks.)
+    whole = {"enable_chunked_prefill": False} if device == "cpu" else {}
     return LLM(model=str(model_dir), seed=seed, trust_remote_code=False,
-               **engine_arguments(settings, device, precision))
+               **engine_arguments(settings, device, precision), **whole)
 
 
 def colocate_settings(settings: dict, device: str, precision: str) -> None:
