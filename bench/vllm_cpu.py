@@ -116,10 +116,10 @@ def table(figures: dict, threads: int) -> str:
         lines.append(f"| {batch} prompts | {pair['transformers']:.0f} | {pair['vllm']:.0f} | "
                      f"{pair['vllm'] / pair['transformers']:.2f} |")
     hf, colocate = figures["grpo"]["transformers"], figures["grpo"]["colocate"]
+    step, vllm_step = hf["grpo_seconds_per_step"], colocate["grpo_seconds_per_step"]
     lines += ["", "| GRPO step (8 x 64 tokens) | transformers | vLLM colocate | colocate / transformers |",
               "|---|---|---|---|",
-              f"| seconds a step | {hf['grpo_seconds_per_step']:.1f} | {colocate['grpo_seconds_per_step']:.1f} | "
-              f"{colocate['grpo_seconds_per_step'] / hf['grpo_seconds_per_step']:.2f} |",
+              f"| seconds a step | {step:.1f} | {vllm_step:.1f} | {vllm_step / step:.2f} |",
               f"| generation share | {hf['grpo_generation_share']:.2f} | {colocate['grpo_generation_share']:.2f} | |",
               f"| weight sync, s (all steps) | | {colocate['grpo_weight_sync_seconds']:.2f} | |"]
     return "\n".join(lines)
@@ -143,7 +143,7 @@ def main() -> None:
                            "--batches", *map(str, args.batches)], capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         sys.exit(done.stdout[-3000:] + done.stderr[-3000:])
-    print(table(json.loads(done.stdout.strip().splitlines()[-1]), args.threads))
+    print(table(json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1]), args.threads))
 
 
 if __name__ == "__main__":

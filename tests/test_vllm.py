@@ -103,11 +103,20 @@ def test_a_killed_vllm_grpo_stage_resumes_from_its_checkpoint_through_vllm(vllm_
     assert resumed["vllm_logp_gap_mean"] <= IN_SYNC  # the resumed policy's weights reached vLLM too
 
 
+def test_the_vllm_environment_holds_what_its_stages_import_on_demand():
+    # The graders' verifiers (reasoning-gym, math-verify), LoRA, DeepSpeed, the S3 store, GGUF files:
+    # imported inside functions, so only a stage that needs one would find it missing.
+    lazy = "import reasoning_gym, math_verify, peft, deepspeed, s3fs, gguf, components.grpo, components.evaluate"
+    done = subprocess.run([str(CPU_ENVIRONMENT), "-c", lazy], cwd=PROJECT, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 # --- the refusals, before anything starts -----------------------------------------------------
 def test_a_head_size_vllm_cannot_take_is_refused_in_one_line_before_any_stage(tmp_path):
     done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", MICRO,
                            "--set", "runtime.generation_backend=vllm"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "COLUMNS": "400"})
+                          text=True, timeout=300, check=False, env={**os.environ, "COLUMNS": "400"})
     assert done.returncode == 1
     assert "base: head size 16 (hidden_size 64 / num_attention_heads 4) is not one vLLM's CPU attention takes" \
         in done.stdout
