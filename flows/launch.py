@@ -67,8 +67,10 @@ def launch_command(module: str, spec: Path, profile: Profile, python: str | None
 
 
 def start(module: str, spec: Path, log: Path, profile: Profile, env: dict, python: str, warm: bool):
-    """Forked from a warm server for CPU stages in this environment, else a plain process."""
-    if warm and profile.runtime.launcher == "python" and python == sys.executable:
+    """Forked from a warm server for CPU stages in this environment (no stage environment named),
+    else a plain process in ``python``."""
+    own = profile.runtime.stage_python is None and python == sys.executable
+    if warm and own and profile.runtime.launcher == "python":
         server = _fork_server(env)
         if server.busy.acquire(blocking=False):  # another stage is running on it: start a plain one
             try:
