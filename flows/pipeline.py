@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -144,7 +144,7 @@ def stage_flow(stage: str, config: str | None = None, overrides: list[str] | Non
     profile = load_profile(config, overrides)
     if (group := machines(recipe_step(stage).module, profile)) is not None and group.follower:
         return follow(stage, profile, root, group, force)
-    with pipeline_run(config, overrides, root, label=label, own_run=run_id is None, stages=lambda _: {stage}) as ctx:
+    with pipeline_run(config, overrides, root, label=label, own_run=run_id is None, only=stage) as ctx:
         out = run_only(ctx, stage, force, run_id)
         return {**summary(ctx), "stages": {stage: out.cached}, "result": out.result, "stage_run_id": out.run_id}
 
@@ -161,13 +161,12 @@ def follow(stage: str, profile: Profile, root: str | None, group: Machines, forc
 
 @contextmanager
 def pipeline_run(config: str | None, overrides: list[str] | None, root: str | None, tags: dict | None = None,
-                 label: str = "", own_run: bool = True,
-                 stages: Callable[[Profile], set[str]] = selected) -> Iterator[Context]:
+                 label: str = "", own_run: bool = True, only: str | None = None) -> Iterator[Context]:
     """The run's context, inside its MLflow parent run (none for a stage sent here to log into a
-    run of its own): finished on success, failed on any error. ``stages``: those it will run, whose
-    vLLM environment is checked first."""
+    run of its own): finished on success, failed on any error. The stages it will run (``only``
+    that one, else the profile's) have their vLLM environment checked first."""
     profile = load_profile(config, overrides)
-    check_vllm(profile, stages(profile))
+    check_vllm(profile, {only} if only else selected(profile))
     place = locate(profile, root)
     place.workspace.mkdir(parents=True, exist_ok=True)
     check_reachable(place.tracking_uri)  # before anything trains: seconds, not MLflow's minutes of retries

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from components.config import GRPOSection, ModelConfig, Profile, Section
+from components.config import ModelConfig, Profile, Section
 from components.digest import file_sha256
 from flows.machines import on_cpu, stage_python
 from flows.recipe import RECIPE, section
@@ -33,7 +33,7 @@ GENERATING = ("evaluate", "rejection_sampling")
 def uses_vllm(module: str, config: Section, profile: Profile) -> bool:
     """Whether this stage generates with vLLM."""
     if module == "grpo":
-        return isinstance(config, GRPOSection) and config.use_vllm
+        return config.use_vllm
     return module in GENERATING and profile.runtime.generation_backend == "vllm"
 
 
