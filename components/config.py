@@ -17,7 +17,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -33,9 +33,11 @@ class DataConfig(Section):
         "synthetic", description="synthetic: multi-digit addition generated from the seed; reasoning_gym: the "
         "generators named in `tasks`; gsm8k, math, countdown: files in that benchmark's own columns and answer "
         "format (sources/); file: any dataset file, read as `task`, `columns` and `answer_format` say")
-    train_path: Path | None = Field(None, description="file to import the training prompts from: .jsonl, .json, "
-                                    ".csv (each also .gz), .parquet, .arrow, or a `datasets` save_to_disk folder")
-    test_path: Path | None = Field(None, description="file to import the held-out test prompts from (as train_path)")
+    train_path: str | None = Field(None, description="file to import the training prompts from: .jsonl, .json, "
+                                   ".csv (each also .gz), .parquet, .arrow, or a `datasets` save_to_disk folder; or "
+                                   "s3://bucket/key (one object) or s3://bucket/prefix/ (every object under it, by "
+                                   "name: new data lands as one more file); credentials and endpoint from AWS_*")
+    test_path: str | None = Field(None, description="file to import the held-out test prompts from (as train_path)")
     task: Literal["gsm8k", "math", "countdown"] | None = Field(
         None, description="file: the records' task, which picks their grader (gsm8k, math: math-verify; "
         "countdown: the equation checker) and prefixes their ids")
@@ -62,6 +64,11 @@ class DataConfig(Section):
                              "train/validation shuffle; none: the profile's. "
                              "Fixed, every training seed is measured on the same test problems")
 
+    @field_validator("train_path", "test_path", mode="before")
+    @classmethod
+    def _text(cls, path: Any) -> Any:  # a local Path, or an s3:// URL that Path would mangle
+        return str(path) if isinstance(path, Path) else path
+
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.min_digits > self.max_digits:
@@ -81,9 +88,14 @@ class DataConfig(Section):
             path = getattr(self, key)
             if path is None:
                 raise ValueError(f"source {self.source!r} needs train_path and test_path")
-            if not path.exists():
+            if path.startswith("s3://"):  # listed (and its objects' formats checked) when the run starts
+                if has_credentials(path):
+                    raise ValueError(f"{key}: credentials in the URL would be recorded with every run; set "
+                                     "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead")
+                continue
+            if not Path(path).exists():
                 raise ValueError(f"{key}: file not found: {path}")
-            file_format(path)
+            file_format(Path(path))
         if self.source != "file":
             if self.task is not None or self.columns or self.answer_format is not None:
                 raise ValueError(f"source {self.source!r} has its own columns and answer format; to map a file's "

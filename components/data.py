@@ -13,6 +13,7 @@ graded by its own verifier.
 from __future__ import annotations
 
 import random
+import tempfile
 from pathlib import Path
 
 from components.addition import (
@@ -27,6 +28,7 @@ from components.gym import gym_splits
 from components.importer import PRESETS, decontaminate, import_file
 from components.jsonl import write_jsonl
 from components.stage_io import StageSpec, main, write_result
+from components.store import data_objects, fetch_objects, objects_key
 
 
 def _operand(rng: random.Random, cfg: DataConfig) -> int:
@@ -81,9 +83,39 @@ def data_seed(cfg: DataConfig, seed: int) -> int:
     return seed if cfg.seed is None else cfg.seed
 
 
-def build_datasets(cfg: DataConfig, seed: int, out: Path) -> dict:
+def no_traces(cfg: DataConfig) -> str:
+    """Why a data section gave no cold-start traces, and what to change."""
+    where = (f"data.tasks ({', '.join(cfg.tasks)}): no item states its expression" if cfg.source == "reasoning_gym"
+             else f"data.source {cfg.source!r}: no training record has a worked solution")
+    return (f"{where}, so there are no cold-start traces; add a task or file that has them "
+            "(reasoning-gym: chain_sum, basic_arithmetic, products), or run R1-Zero alone (stages: [eval_r1_zero])")
+
+
+def read_source(path: str, what: str, mapping: dict, limit: int | None, planned: str | None) -> list[dict]:
+    """A file source's records: a local file, or what an ``s3://`` URL names, its objects read as
+    one dataset in name order and checked against the listing the stage's key was made from."""
+    if not path.startswith("s3://"):
+        return import_file(Path(path), **mapping, limit=limit)
+    objects = data_objects(path, what)
+    if planned is not None and objects_key(objects) != planned:
+        raise ValueError(f"{what} {path}: objects changed there after the run computed its keys; run again")
+    records: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for obj, file in zip(objects, fetch_objects(objects, Path(tmp)), strict=True):
+            if limit is not None and len(records) >= limit:
+                break
+            try:  # the importer names the file it read: name the object instead
+                records += import_file(file, **mapping, limit=None if limit is None else limit - len(records))
+            except (ValueError, FileNotFoundError) as error:
+                raise ValueError(str(error).replace(str(file), obj["url"])) from None
+    return records
+
+
+def build_datasets(cfg: DataConfig, seed: int, out: Path, planned: dict[str, str] | None = None) -> dict:
     """Write train/validation/test prompts and cold-start traces as jsonl under ``out``; returns
-    what was written (counts, and the training prompts decontamination removed)."""
+    what was written (counts, and the training prompts decontamination removed). ``planned``: the
+    content keys of the files the run planned to read (a bucket's listing may change meanwhile)."""
+    planned = planned or {}
     seed = data_seed(cfg, seed)
     if cfg.source == "synthetic":
         train, validation, test = synthetic_addition(cfg, seed)
@@ -93,20 +125,16 @@ def build_datasets(cfg: DataConfig, seed: int, out: Path) -> dict:
     else:  # a benchmark's own format (gsm8k, math, countdown) or any file as the profile maps it
         mapping = PRESETS.get(cfg.source) or {"task": cfg.task, "columns": cfg.columns,
                                               "answer_format": cfg.answer_format}
-        train = import_file(cfg.train_path, **mapping)
-        test = import_file(cfg.test_path, **mapping, limit=cfg.n_test)
+        train = read_source(cfg.train_path, "data.train_path", mapping, None, planned.get("train"))
+        test = read_source(cfg.test_path, "data.test_path", mapping, cfg.n_test, planned.get("test"))
         train, removed = decontaminate(train, test, n=cfg.decontamination_ngram)
         if not train:
             raise ValueError(f"data: every prompt of {cfg.train_path} overlaps {cfg.test_path} "
                              "(decontamination removed them all); train on other problems")
         random.Random(seed).shuffle(train)
         validation, train = train[: cfg.n_validation], train[cfg.n_validation :][: cfg.n_train]
+    # none where no record has a worked solution: R1-Zero needs none, the cold start refuses to run
     traces = [t for t in map(cold_start_trace, train) if t is not None][: cfg.cold_start_size]
-    if not traces:  # the data stage validates them whichever stages run
-        where = (f"data.tasks ({', '.join(cfg.tasks)}): no item states its expression" if cfg.source == "reasoning_gym"
-                 else f"data.source {cfg.source!r}: no training record has a worked solution")
-        raise ValueError(f"{where}, so there are no cold-start traces; add a task or file that has them "
-                         "(reasoning-gym: chain_sum, basic_arithmetic, products)")
     files = {"train": train, "validation": validation, "test": test, "cold_start": traces}
     out.mkdir(parents=True, exist_ok=True)
     for name, records in files.items():
@@ -115,7 +143,7 @@ def build_datasets(cfg: DataConfig, seed: int, out: Path) -> dict:
 
 
 def run(spec: StageSpec) -> dict:
-    report = build_datasets(DataConfig(**spec.config), spec.seed, spec.output)
+    report = build_datasets(DataConfig(**spec.config), spec.seed, spec.output, spec.input_keys)
     write_result(spec.output, report)
     return report
 

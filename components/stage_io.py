@@ -30,6 +30,7 @@ class StageSpec:
     config: dict
     output: Path
     inputs: dict[str, str] = field(default_factory=dict)
+    input_keys: dict[str, str] = field(default_factory=dict)  # each input's content key, as the run planned it
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # runtime.precision: bf16, fp32, or auto (bf16 on GPU only)

@@ -4,6 +4,8 @@ the workspace alone holds the stages).
     store = Store.at("s3://bucket/prefix")        # fsspec + s3fs
     store.put(folder, "stages/grpo/<key>")        # every file, then the manifest, last
     store.get("stages/grpo/<key>", local)         # downloaded and checked against the manifest
+    objects = data_objects("s3://bucket/countdown/", "data.train_path")   # new data: read as one dataset
+    fetch_objects(objects, local)                 # each checked against the size and checksum listed
 
 S3 has no atomic folder rename, so a folder in the store is complete if and only if its
 ``manifest.json`` (file list, sizes, sha256) exists, and the manifest is written after every file
@@ -18,6 +20,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,3 +191,63 @@ def no_folder(url: str, what: str) -> FileNotFoundError:
     """The error for an ``s3://`` folder that was never (completely) uploaded: how to upload it."""
     return FileNotFoundError(f"{what} {url}: no complete folder there (no manifest.json); upload it with "
                              f"`r1flow upload FOLDER {url}`, which lists every file's size and sha256")
+
+
+# --- data files in the bucket (``data.train_path: s3://...``) --------------------------------
+def data_objects(url: str, what: str) -> list[dict]:
+    """What a data URL names, in a stable order: that one object, or (a URL ending in ``/``) every
+    object under the prefix, sorted by name, so that new data arrives as one more file. Each
+    object: its URL, its name relative to the URL, its size and its ETag (the server's checksum).
+    Errors name ``what``, the URL and what to change."""
+    key, prefix = url.removeprefix("s3://"), url.endswith("/")
+    bucket, fs = key.split("/", 1)[0], Store.at(url).fs
+    try:
+        try:
+            found = fs.find(key.rstrip("/"), detail=True) if prefix else {key: fs.info(url)}
+        except FileNotFoundError:
+            found = {}
+        bucket_exists = bool(found) or fs.exists(bucket)
+    except PermissionError:
+        raise PermissionError(f"{what} {url}: access denied; the keys in AWS_ACCESS_KEY_ID and "
+                              "AWS_SECRET_ACCESS_KEY must be allowed to list and read it") from None
+    if not bucket_exists:
+        raise FileNotFoundError(f"{what} {url}: no such bucket {bucket!r}; create it or correct the URL")
+    if not prefix and not found:
+        raise FileNotFoundError(f"{what} {url}: no such object; upload the file, or end the URL with / to read "
+                                "every object under that prefix")
+    if not prefix and found[key]["type"] == "directory":
+        raise FileNotFoundError(f"{what} {url}: a prefix, not an object; end the URL with / to read every object "
+                                "under it")
+    start = key if prefix else key.rsplit("/", 1)[0] + "/"
+    objects = [{"url": f"s3://{name}", "name": name.removeprefix(start), "size": info["size"],
+                "etag": str(info.get("ETag", "")).strip('"')}
+               for name, info in sorted(found.items()) if info["type"] == "file"]
+    if not objects:
+        raise FileNotFoundError(f"{what} {url}: no objects under this prefix; upload a data file there")
+    return objects
+
+
+def objects_key(objects: list[dict]) -> str:
+    """The content key of a listing: names, sizes and checksums (no object is downloaded)."""
+    listed = [{k: o[k] for k in ("name", "size", "etag")} for o in objects]
+    return hashlib.sha256(json.dumps(listed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_MD5 = re.compile("^[0-9a-f]{32}$")  # a single-part upload's ETag; a multipart one is "<md5>-<parts>"
+
+
+def fetch_objects(objects: list[dict], folder: Path) -> list[Path]:
+    """Download listed objects into ``folder`` (each under its relative name), each checked
+    against its listed size and, where the ETag is one, its MD5: what is read is what was keyed."""
+    fs = Store.at(objects[0]["url"]).fs
+    paths = [folder / o["name"] for o in objects]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fs.get([o["url"] for o in objects], [str(p) for p in paths])
+    for o, path in zip(objects, paths, strict=True):
+        with path.open("rb") as f:
+            md5 = hashlib.file_digest(f, "md5").hexdigest() if _MD5.match(o["etag"]) else o["etag"]
+        if path.stat().st_size != o["size"] or md5 != o["etag"]:
+            raise CorruptObject(f"{o['url']}: changed or damaged while it was read (size or checksum differs from "
+                                "its listing); run again")
+    return paths

@@ -108,7 +108,7 @@ def _reported(what: str):
 
     from flows.stages import StageFailed
 
-    expected = (StageFailed, FileNotFoundError, LookupError, ValueError, ConnectionError)
+    expected = (StageFailed, FileNotFoundError, PermissionError, LookupError, ValueError, ConnectionError)
 
     def one_line(record: logging.LogRecord) -> bool:
         # Prefect logs a failed task and flow with the traceback; for these the message is the news.

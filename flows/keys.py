@@ -18,7 +18,7 @@ from pathlib import Path
 from components.config import Profile, Section, content_hash, plain_template
 from components.digest import content_sha256
 from components.stage_io import split_ref
-from components.store import stored_folder_key
+from components.store import data_objects, objects_key, stored_folder_key
 from flows.machines import accelerated
 from flows.recipe import RECIPE, Step, section
 from flows.vllm_stages import environment_identity, uses_vllm
@@ -61,11 +61,19 @@ def inputs_of(step: Step, outputs: dict[str, StageOutput], profile: Profile) -> 
     imports, keyed by content, and a base stage's a model folder in the store, keyed by its manifest."""
     if step.module == "data":
         files = {"train": profile.data.train_path, "test": profile.data.test_path}
-        return {name: Artifact(str(path), content_sha256(path)) for name, path in files.items() if path is not None}
+        return {name: data_file(path, f"data.{name}_path") for name, path in files.items() if path is not None}
     if step.module == "base" and (path := section(profile, step).path or "").startswith("s3://"):
         return {"source": Artifact(path, stored_folder_key(path, f"{step.section}.path"))}
     refs = {name: split_ref(ref) for name, ref in step.inputs.items()}
     return {name: outputs[stage].artifact(file) for name, (stage, file) in refs.items()}
+
+
+def data_file(path: str, what: str) -> Artifact:
+    """A file the data stage imports, keyed by its content: a local file's sha256, or the listing
+    (names, sizes, checksums) of what an ``s3://`` URL names, so one new object changes the key."""
+    if path.startswith("s3://"):
+        return Artifact(path, objects_key(data_objects(path, what)))
+    return Artifact(path, content_sha256(Path(path)))
 
 
 @cache

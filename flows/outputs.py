@@ -44,8 +44,8 @@ def validate(tracker: Tracker, out: StageOutput, step: Step, workspace: Path, so
     for file, suite in step.validate.items():
         path = workspace / "logs" / f"validation-{out.name}-{file}-{out.key}.json"
         dataset = out.folder / f"{file}.jsonl"
-        if path.exists() or (file == "validation" and not dataset.read_text().strip()):
-            continue  # validated already, or an empty validation split (n_validation: 0)
+        if path.exists() or (file in ("validation", "cold_start") and not dataset.read_text().strip()):
+            continue  # validated already, an empty validation split (n_validation: 0) or no worked solutions
         from components.validate import validate_file  # Great Expectations: seconds to import
 
         report = validate_file(dataset, suite, name=f"{source}/{file}" if out.name == "data" else suite)

@@ -94,15 +94,20 @@ def run_stages(ctx: Context, wanted: set[str], force: set[str], done: dict | Non
             inputs, forced = inputs_of(s, outputs, ctx.profile), s.name in force
             outputs[s.name] = remote_stage(ctx, s, inputs, forced) if sent_to_gpu(ctx, s, inputs, forced) else \
                 value(stage(ctx, s, inputs, forced))
+        if s.name == "data" and "cold_start" in wanted and outputs["data"].result.get("cold_start") == 0:
+            from components.data import no_traces  # R1-Zero needs no worked solutions; the cold start does
+
+            raise ValueError(no_traces(ctx.profile.data))
     return outputs
 
 
 @task(name="data-restore", cache_policy=NO_CACHE)
-def restore_data(ctx: Context, data_dir: Path) -> StageOutput:
+def restore_data(ctx: Context, data_dir: Path, key: str | None = None) -> StageOutput:
     """``r1flow rerun``: the data stage's output, byte for byte from the data folder DVC restored,
-    under the key the recorded profile gives it."""
+    under the key the run recorded (a bucket prefix may hold more objects now), else the key the
+    recorded profile gives it."""
     s = recipe_step("data")
-    key = stage_key(s.module, ctx.profile.data, inputs_of(s, {}, ctx.profile), ctx.profile)
+    key = key or stage_key(s.module, ctx.profile.data, inputs_of(s, {}, ctx.profile), ctx.profile)
     with ctx.tracker.child_run(s.name, ctx.parent_run, {"component": s.module, "restored_from": data_dir}) as run_id:
         folder = cache.build(ctx.place.workspace, s.name, key, lambda tmp: versioning.restore_data_stage(data_dir, tmp))
         out = StageOutput(s.name, folder, key, False, run_id, json.loads((folder / "result.json").read_text()))
@@ -120,16 +125,18 @@ def run_only(ctx: Context, name: str, force: bool, run_id: str | None) -> StageO
 # --- flows ----------------------------------------------------------------------------------
 @flow(name="r1flow", log_prints=True)
 def r1_pipeline(config: str | None = None, overrides: list[str] | None = None, root: str | None = None,
-                from_stage: str | None = None, restored: str | None = None, reproduces: str | None = None) -> dict:
+                from_stage: str | None = None, restored: str | None = None, restored_key: str | None = None,
+                reproduces: str | None = None) -> dict:
     """The whole recipe for one profile; returns run ids, data hash, eval metrics and versions.
 
     ``from_stage`` reruns that stage and everything downstream of it even when cached;
-    ``restored`` (``r1flow rerun``) takes the datasets from a DVC-restored data folder. ``root``
+    ``restored`` (``r1flow rerun``) takes the datasets from a DVC-restored data folder (under the
+    data stage key ``restored_key``, the recorded run's). ``root``
     holds the workspace and the data folder; none: ``$R1FLOW_ROOT``, else the working directory.
     """
     force = {check_stage(from_stage), *downstream(from_stage)} if from_stage else set()
     with pipeline_run(config, overrides, root, tags={"reproduces": reproduces} if reproduces else {}) as ctx:
-        done = {"data": restore_data(ctx, Path(restored))} if restored else {}
+        done = {"data": restore_data(ctx, Path(restored), restored_key)} if restored else {}
         outputs = run_stages(ctx, selected(ctx.profile), force, done)
         return {**summary(ctx), **finish(ctx, outputs)}
 

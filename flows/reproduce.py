@@ -66,8 +66,9 @@ def rerun(run_id: str, place: Place, tracking_uri: str | None = None) -> tuple[d
     config = workspace / "reruns" / f"{run_id}.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(profile, sort_keys=False))
+    data_run = tracker.child_runs(run_id).get("data")  # its data stage key: what the run's keys descend from
     summary = r1_pipeline(config=str(config), root=str(root), restored=str(root / profile["data_dir"]),
-                          reproduces=run_id)
+                          restored_key=data_run.tags.get("stage_key") if data_run else None, reproduces=run_id)
     recorded = tracker.run(run_id).metrics
     comparisons = [Comparison(f"{role}.{key}", recorded[name], float(value))
                    for role, metrics in summary["metrics"].items() for key, value in metrics.items()

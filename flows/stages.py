@@ -98,8 +98,9 @@ def _train(name: str, module: str, config: Section, inputs: dict[str, Artifact],
     if remote is not None:  # another worker may have got further: go on from there
         fetch_checkpoint(checkpoints, remote, f"machine-{group.rank}" if group else "")
     StageSpec(stage=name, config=config.model_dump(mode="json"), output=tmp,
-              inputs={k: v.path for k, v in inputs.items()}, seed=profile.seed, device=profile.runtime.device,
-              precision=profile.runtime.precision, prompt_template=plain_template(profile),
+              inputs={k: v.path for k, v in inputs.items()}, input_keys={k: v.key for k, v in inputs.items()},
+              seed=profile.seed, device=profile.runtime.device, precision=profile.runtime.precision,
+              prompt_template=plain_template(profile),
               generation_backend=profile.runtime.generation_backend, checkpoints=checkpoints,
               checkpoint_store=remote, vllm=profile.runtime.vllm.model_dump(mode="json")).write(tmp / "spec.json")
     try:

@@ -1,0 +1,134 @@
+"""New data from the bucket: ``data.train_path``/``test_path`` as ``s3://`` URLs on a real S3
+server (SeaweedFS on 127.0.0.1), keyed by the listing, each error one line naming the URL; and
+R1-Zero on a file without worked solutions."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from pathlib import Path
+
+import pytest
+
+from components.config import ConfigError, load_profile
+from components.store import Store, data_objects
+from flows.servers import BUCKET, free_port, seaweedfs, stop
+
+MICRO = str(Path(__file__).parents[1] / "configs" / "micro.yaml")
+# TinyZero's Countdown columns, mapped by two keys; no worked solutions, so no cold-start traces.
+COUNTDOWN = ["data.source=file", "data.task=countdown", "data.columns={numbers: nums, target: target}"]
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+    """A SeaweedFS S3 endpoint; the environment points s3fs (and the stages) at it. Yields a prefix
+    of its bucket of this test's own."""
+    keys = {"AWS_ACCESS_KEY_ID": "data-test", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16)}
+    port = free_port()
+    server = seaweedfs(tmp_path_factory.mktemp("seaweedfs"), "127.0.0.1", port, keys)
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {**keys, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}.items():
+            env.setenv(name, value)
+        try:
+            store = Store.at(f"s3://{BUCKET}")
+            for _ in range(60):  # the bucket is made just after S3 answers
+                if store.fs.exists(BUCKET):
+                    break
+                time.sleep(0.5)
+            yield Store.at(f"s3://{BUCKET}/{secrets.token_hex(4)}")
+        finally:
+            stop([server])
+
+
+def countdown_parquet(path: Path, problems: list[tuple[list[int], int]]) -> Path:
+    import pandas as pd
+
+    pd.DataFrame({"nums": [n for n, _ in problems], "target": [t for _, t in problems]}).to_parquet(path)
+    return path
+
+
+def problems(start: int, count: int) -> list[tuple[list[int], int]]:
+    """Solvable Countdown problems, each distinct: a + b with a third number left over."""
+    return [([a, a + 1, 7], 2 * a + 1) for a in range(start, start + count)]
+
+
+def test_each_bad_data_url_is_one_line_naming_it(bucket, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    bucket.fs.pipe_file(bucket.path("solo/train.jsonl"), b'{"question": "1+1?", "answer": "2"}\n')
+    bucket.fs.mkdir(bucket.path("empty"))
+    cases = {
+        bucket.path("solo/none.jsonl"): r"no such object; upload the file, or end the URL with / to read every object",
+        bucket.path("nothing-here/"): "no objects under this prefix; upload a data file there",
+        "s3://no-such-bucket/train.jsonl": "no such bucket 'no-such-bucket'; create it or correct the URL",
+    }
+    for url, message in cases.items():
+        with pytest.raises(FileNotFoundError, match=rf"^data.train_path {url}: {message}"):
+            data_objects(url, "data.train_path")
+    # as `r1flow run` shows it: one line, no traceback, before anything runs
+    monkeypatch.setenv("R1FLOW_ROOT", str(tmp_path))
+    missing = [f"data.train_path={bucket.path('solo/none.jsonl')}", f"data.test_path={bucket.path('solo/')}"]
+    sets = ["runtime.device=cpu", *COUNTDOWN, *missing]
+    shown = CliRunner().invoke(app, ["run", "-c", MICRO, *(arg for s in sets for arg in ("-s", s))])
+    assert shown.exit_code == 1 and "Traceback" not in shown.output, shown.output
+    assert f"pipeline failed: data.train_path {bucket.path('solo/none.jsonl')}: no such object" in shown.output
+    assert not (tmp_path / ".r1flow" / "stages").exists()
+    (one,) = data_objects(bucket.path("solo/train.jsonl"), "data.train_path")
+    assert one["name"] == "train.jsonl" and one["size"] == 36 and len(one["etag"]) == 32
+    with pytest.raises(ConfigError, match="data: train_path: credentials in the URL would be recorded"):
+        load_profile(MICRO, [*COUNTDOWN, f"data.train_path=s3://key:secret@{BUCKET}/x/", "data.test_path=s3://b/t"])
+    from components import store
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        store._s3.cache_clear()  # a client per key: the wrong secret gets its own
+        with pytest.raises(PermissionError, match=r"^data.train_path s3://.*: access denied; the keys in "
+                                                  "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be allowed"):
+            data_objects(bucket.path("solo/"), "data.train_path")
+    store._s3.cache_clear()
+
+
+@pytest.mark.slow
+def test_r1_zero_trains_on_countdown_from_a_bucket_prefix_and_a_new_object_reruns_only_what_reads_data(
+        bucket, tmp_path):
+    from flows.keys import planned_keys
+    from flows.pipeline import r1_pipeline
+    from flows.recipe import downstream
+    from flows.reproduce import rerun
+    from flows.workspace import locate
+
+    for i, chunk in enumerate((problems(10, 120), problems(200, 100))):  # two nights' data so far
+        local = countdown_parquet(tmp_path / f"part-{i}.parquet", chunk)
+        bucket.fs.put(str(local), bucket.path(f"countdown/train/part-{i}.parquet"))
+    bucket.fs.put(str(countdown_parquet(tmp_path / "test.parquet", problems(500, 24))),
+                  bucket.path("countdown/test.parquet"))
+    overrides = ["runtime.device=cpu", *COUNTDOWN, f"data.train_path={bucket.path('countdown/train/')}",
+                 f"data.test_path={bucket.path('countdown/test.parquet')}", "data.n_validation=8", "data.n_train=1000",
+                 "stages=[eval_r1_zero]"]
+    root = tmp_path / "project"
+    summary = r1_pipeline(config=MICRO, root=str(root), overrides=overrides)
+
+    assert set(summary["stages"]) == {"data", "base", "r1_zero", "eval_r1_zero"}
+    assert set(summary["metrics"]) == {"r1_zero"} and summary["versions"]["r1_zero"]["new"]
+    data = root / ".r1flow" / "stages" / "data"
+    (folder,) = data.iterdir()
+    assert [len((folder / f"{name}.jsonl").read_text().splitlines()) for name in ("train", "validation", "test",
+                                                                                 "cold_start")] == [212, 8, 24, 0]
+    profile = load_profile(MICRO, overrides)
+    before = planned_keys(profile)
+    assert planned_keys(profile) == before  # nothing new: every key the same
+    # New data lands as one more object: the data stage and everything that reads it get new keys.
+    bucket.fs.put(str(countdown_parquet(tmp_path / "part-2.parquet", problems(300, 10))),
+                  bucket.path("countdown/train/part-2.parquet"))
+    after = planned_keys(profile)
+    assert {name for name in before if before[name] != after[name]} == {"data", *downstream("data")}
+    # The first run, rerun now: its datasets from DVC under its own data key, so nothing retrains.
+    again, comparisons, _ = rerun(summary["run_id"], locate(profile, root))
+    assert again["stages"] == {"data": False, "base": True, "r1_zero": True, "eval_r1_zero": True}
+    assert comparisons and all(c.matches(0.0) for c in comparisons)
+    # The whole recipe on data without worked solutions stops after the data stage, saying why.
+    with pytest.raises(ValueError, match=r"data.source 'file': no training record has a worked solution, so there "
+                                         r"are no cold-start traces; .* or run R1-Zero alone"):
+        r1_pipeline(config=MICRO, root=str(root), overrides=[*overrides, "stages=null"])
