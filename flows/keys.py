@@ -14,14 +14,19 @@ import hashlib
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from components.config import Profile, Section, content_hash, plain_template
+from components.config import REGISTERED_REF, ModelConfig, Profile, Section, content_hash, plain_template
 from components.digest import content_sha256
 from components.stage_io import split_ref
 from components.store import data_objects, objects_key, stored_folder_key
 from flows.machines import accelerated
 from flows.recipe import RECIPE, Step, section
 from flows.vllm_stages import environment_identity, uses_vllm
+from flows.workspace import locate
+
+if TYPE_CHECKING:
+    from components.tracking import VersionRecord
 
 COMPONENTS = Path(__file__).resolve().parents[1] / "components"
 # The config schema is not code that runs: a stage's config *values* (defaults included) are in
@@ -62,10 +67,39 @@ def inputs_of(step: Step, outputs: dict[str, StageOutput], profile: Profile) -> 
     if step.module == "data":
         files = {"train": profile.data.train_path, "test": profile.data.test_path}
         return {name: data_file(path, f"data.{name}_path") for name, path in files.items() if path is not None}
-    if step.module == "base" and (path := section(profile, step).path or "").startswith("s3://"):
-        return {"source": Artifact(path, stored_folder_key(path, f"{step.section}.path"))}
+    if step.module == "base":
+        return base_input(section(profile, step), f"{step.section}.path", profile)
     refs = {name: split_ref(ref) for name, ref in step.inputs.items()}
     return {name: outputs[stage].artifact(file) for name, (stage, file) in refs.items()}
+
+
+def base_input(config: ModelConfig, what: str, profile: Profile) -> dict[str, Artifact]:
+    """A base stage's input: a registered version, keyed by what was registered (the key of the
+    stage output it came from), or a folder in the store, keyed by its manifest; none where the
+    stage makes the base or loads it by its config alone."""
+    if config.source == "registry":
+        version = registered_base(config.path, what, profile)
+        key = version.tags.get("stage_key") or content_hash(version.run_id, version.source)[:16]
+        return {"registered": Artifact(f"models:/{version.ref}", key)}
+    if (config.path or "").startswith("s3://"):
+        return {"source": Artifact(config.path, stored_folder_key(config.path, what))}
+    return {}
+
+
+def registered_base(ref: str, what: str, profile: Profile) -> VersionRecord:
+    """The version ``NAME@ALIAS`` or ``NAME/VERSION`` names in the profile's registry; an error
+    naming it and what to do when there is none."""
+    from components.tracking import NotFound, Tracker  # MLflow: only for a base from the registry
+
+    place, found = locate(profile), REGISTERED_REF.fullmatch(ref)
+    try:
+        return Tracker(place.tracking_uri, place.experiment).version(found["name"], found["alias"] or found["version"])
+    except NotFound:
+        if found["version"]:
+            raise LookupError(f"{what} {ref}: no such registered version in {place.tracking_uri}; name one the "
+                              "registry holds") from None
+        raise LookupError(f"{what} {ref}: no version holds that alias in {place.tracking_uri}; register one, or give "
+                          f"{what.removesuffix('.path')}.fallback, the base while none does") from None
 
 
 def data_file(path: str, what: str) -> Artifact:

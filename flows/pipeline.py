@@ -36,7 +36,7 @@ from flows.locks import exclusive
 from flows.machines import Machines, machines
 from flows.outputs import record, report, validate
 from flows.recipe import RECIPE, Step, check_stage, downstream, recipe_step, section, selected
-from flows.registry import register
+from flows.registry import pin_bases, register
 from flows.remote import remote_stage, sent_to_gpu
 from flows.stages import cached_inputs, run_stage
 from flows.vllm_stages import check_vllm
@@ -69,6 +69,8 @@ def stage(ctx: Context, step: Step, inputs: dict[str, Artifact], force: bool = F
     with ctx.tracker.child_run(step.name, ctx.parent_run, {"component": step.module}, run_id) as run:
         ctx.tracker.log_params(run, {step.name: config.model_dump(mode="json"),
                                      "inputs": {k: v.path for k, v in inputs.items()}})
+        if "registered" in inputs:  # a base from the registry, downloaded once into this workspace
+            inputs = {**inputs, "registered": downloaded(ctx, inputs["registered"])}
         steps = getattr(config, TRAINING_STEPS.get(step.module, ""), None)
         out = replace(run_stage(step.name, step.module, config, inputs, ctx.profile, ctx.place.workspace, steps,
                                 force=force), run_id=run)
@@ -78,6 +80,13 @@ def stage(ctx: Context, step: Step, inputs: dict[str, Artifact], force: bool = F
     print(f"{step.name}: {'cache hit' if out.cached else 'done'} ({out.folder})")
     # A cache hit ends its task in a state named Cached, so the Prefect UI shows it as one.
     return Completed(data=out, name="Cached", message=f"reused {out.folder}") if out.cached else out
+
+
+def downloaded(ctx: Context, registered: Artifact) -> Artifact:
+    """A registered version (``models:/NAME/VERSION``) as a folder in the workspace, same key."""
+    name, version = registered.path.removeprefix("models:/").split("/")
+    folder = ctx.place.workspace / "registry" / name / version
+    return replace(registered, path=str(ctx.tracker.download_model(ctx.tracker.version(name, version), folder)))
 
 
 def value(task_result: StageOutput | State) -> StageOutput:
@@ -178,10 +187,15 @@ def pipeline_run(config: str | None, overrides: list[str] | None, root: str | No
     place.workspace.mkdir(parents=True, exist_ok=True)
     check_reachable(place.tracking_uri)  # before anything trains: seconds, not MLflow's minutes of retries
     tracker = Tracker(place.tracking_uri, place.experiment, place.artifacts)
+    pins, base_tags = pin_bases(profile, tracker)  # a registry base: one version for the whole run
+    if pins:  # and its registry, where the keys look its version up: this run's, wherever it runs
+        overrides = [*(overrides or []), *pins, f"tracking.tracking_uri={place.tracking_uri}"]
+        profile = load_profile(config, overrides)
     commit, parent = code_commit(), None
     if own_run:
         parent = tracker.start_run(profile.name + label, tags={
-            "profile": profile.name, "config_hash": content_hash(profile)[:16], **commit, **(tags or {})})
+            "profile": profile.name, "config_hash": content_hash(profile)[:16], **commit, **base_tags,
+            **(tags or {})})
         tracker.log_params(parent, profile.model_dump(mode="json"))
         tracker.log_dict(parent, profile.model_dump(mode="json"), "profile.json")  # what `r1flow rerun` reads
     source = {"config": config, "overrides": list(overrides or []), "root": str(place.root)}

@@ -7,16 +7,42 @@ Each model is registered once per stage key (alias ``candidate``) with its linea
 
 from __future__ import annotations
 
+import json
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from components import promotion
-from components.config import content_hash
+from components.config import REGISTERED_REF, Profile, content_hash
 from components.stage_io import read_metrics
-from components.tracking import VersionRecord
-from flows.keys import StageOutput, code_version
+from components.tracking import NotFound, Tracker, VersionRecord
+from flows.keys import StageOutput, code_version, registered_base
 from flows.locks import exclusive
-from flows.recipe import PARENTS, REGISTERED, recipe_step
+from flows.recipe import PARENTS, RECIPE, REGISTERED, recipe_step, section
+
+
+def pin_bases(profile: Profile, tracker: Tracker) -> tuple[list[str], dict[str, str]]:
+    """Overrides that fix each registry base for the whole run: the version its alias names now,
+    or its fallback while none does; and tags that say which. The run's keys, the stages it sends
+    elsewhere and its rerun then use that one version, however the alias moves meanwhile (this
+    run's own promotions move it)."""
+    overrides, tags = [], {}
+    for step in (s for s in RECIPE if s.module == "base"):
+        config = section(profile, step)
+        if config.source != "registry":
+            continue
+        found = REGISTERED_REF.fullmatch(config.path)
+        try:
+            version = tracker.version(found["name"], found["alias"] or found["version"])
+        except NotFound:
+            if found["version"] or config.fallback is None:
+                registered_base(config.path, f"{step.section}.path", profile)  # raises, saying what to do
+            overrides.append(f"{step.section}={json.dumps(config.fallback.model_dump(mode='json'))}")
+            tags[f"{step.section}_base"] = f"fallback ({config.path}: none yet)"
+            continue
+        overrides.append(f"{step.section}.path={version.ref}")
+        tags[f"{step.section}_base"] = f"{version.ref} ({config.path})"
+    return overrides, tags
 
 
 @task(name="register", cache_policy=NO_CACHE)
@@ -61,7 +87,8 @@ def registered_version(ctx, role: str, outputs: dict[str, StageOutput], data_has
         stage_key=out.key, code_version=code_version(recipe_step(role).module),
         config_hash=content_hash(ctx.profile)[:16], commit=ctx.commit, data_hash=data_hash,
         eval_run_id=evaluation.run_id, eval_key=eval_key(ctx, outputs), metrics=evaluation.result["metrics"],
-        parent=registered[parent]["ref"] if parent in registered else f"{parent} (stage {outputs[parent].key})",
+        parent=registered[parent]["ref"] if parent in registered else  # else a base; from the registry: its version
+        outputs[parent].result.get("registered") or f"{parent} (stage {outputs[parent].key})",
         parent_eval_run_id=outputs[f"eval_{parent}"].run_id if f"eval_{parent}" in outputs else None,
         health=promotion.training_health(read_metrics(out.folder / "metrics.jsonl", finished=True),
                                          ctx.profile.promotion))
