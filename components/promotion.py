@@ -168,14 +168,15 @@ def gate_checks(tags: dict[str, str], candidate: Evidence | None, parent: Eviden
     ]
 
 
-def lineage(*, stage_key: str, code_version: str, config_hash: str, commit: dict, data_hash: str, eval_run_id: str,
-            eval_key: str, metrics: dict, parent: str, parent_eval_run_id: str | None,
+def lineage(*, stage_key: str, code_version: str, config_hash: str, commit: dict, data_hash: str, data_key: str,
+            eval_run_id: str, eval_key: str, metrics: dict, parent: str, parent_eval_run_id: str | None,
             health: list[str]) -> dict[str, str]:
     """The tags a registered version carries: where it came from (stage key, code, config, commit,
-    data, parent), how it scored and where its evaluation lives, and whether it trained healthily."""
+    data: its DVC version and the data stage's key, parent), how it scored and where its evaluation
+    lives, and whether it trained healthily."""
     return {
         "stage_key": stage_key, "code_version": code_version, "config_hash": config_hash, **commit,
-        "data_hash": data_hash, "eval_run_id": eval_run_id, "eval_key": eval_key,
+        "data_hash": data_hash, "data_key": data_key, "eval_run_id": eval_run_id, "eval_key": eval_key,
         "parent_model": parent, "parent_eval_run_id": parent_eval_run_id or "",
         "pass_at_1": metrics["pass@1"], "format_rate": metrics["format_rate"],
         "data_validation": "passed",  # every suite passed, or the flow would have stopped before
@@ -215,3 +216,17 @@ def crown(tracker: Tracker, version: VersionRecord, by_hand: str | None = None) 
     tracker.set_alias(version.name, "champion", version.version)
     if by_hand:
         tracker.tag_version(version.name, version.version, {"promotion": f"promoted by hand; {by_hand}"})
+
+
+def history(tracker: Tracker, name: str) -> list[dict[str, str]]:
+    """A registered model's versions, oldest first, as the nights made them: the run that trained
+    each, its data version, its parent, its pass@1, the gate's verdict, and whether it is champion."""
+    champion = tracker.champion(name)
+    rows = []
+    for version in tracker.versions(name):
+        tags, stage_run = version.tags, tracker.run(version.run_id)
+        rows.append({"version": version.version, "night": stage_run.tags.get("mlflow.parentRunId", version.run_id),
+                     "data": tags.get("data_hash", ""), "parent": tags.get("parent_model", ""),
+                     "pass@1": tags.get("pass_at_1", ""), "verdict": tags.get("promotion", "not reviewed"),
+                     "champion": "yes" if champion and champion.version == version.version else ""})
+    return rows

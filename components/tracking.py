@@ -54,6 +54,7 @@ class VersionRecord:
     run_id: str
     source: str
     tags: dict[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()  # as the registry read it (search results may leave them out)
 
     @property
     def ref(self) -> str:
@@ -226,6 +227,15 @@ class Tracker:
         if int(version.version) == newest and not self.client.get_model_version(version.name, version.version).aliases:
             self.client.set_registered_model_alias(version.name, "candidate", version.version)
 
+    def versions(self, name: str) -> list[VersionRecord]:
+        """Every version of a registered model, oldest first; NotFound when there is none."""
+        if not _SAFE_NAME.fullmatch(name):
+            raise NotFound(f"{name!r}: a registered model name is letters, digits, '.', '-' and '_'")
+        found = self.client.search_model_versions(f"name = '{name}'")
+        if not found:
+            raise NotFound(f"no registered model {name!r} in {self.uri}")
+        return sorted((_version(v) for v in found), key=lambda v: int(v.version))
+
     def champion(self, name: str) -> VersionRecord | None:
         """The version holding ``champion``, or None."""
         try:
@@ -263,7 +273,8 @@ def _record(run) -> RunRecord:
 
 
 def _version(found) -> VersionRecord:
-    return VersionRecord(found.name, str(found.version), found.run_id, found.source, dict(found.tags))
+    return VersionRecord(found.name, str(found.version), found.run_id, found.source, dict(found.tags),
+                         tuple(found.aliases or ()))
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

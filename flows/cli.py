@@ -261,6 +261,24 @@ def promote(version: str = typer.Argument(..., help="a registered version, NAME/
 
 
 @app.command()
+def history(name: str = typer.Argument(..., help="a registered model, e.g. nightly-r1-zero"),
+            config: Path | None = ConfigOption) -> None:
+    """The model's versions across nights: run, data version, parent, pass@1, verdict, champion."""
+    _, _, place = _profile(config, None)
+    from components.promotion import history as versions
+    from components.tracking import Tracker
+
+    with _reported("history"):
+        rows = versions(Tracker(place.tracking_uri, place.experiment), name)
+    table = Table(title=f"{name} in {place.tracking_uri}")
+    for column in rows[0]:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(f"{value[:8]}" if column in ("night", "data") else value for column, value in row.items()))
+    console.print(table)
+
+
+@app.command()
 def deploy(prefect_file: Path = PrefectFileOption, pools: list[str] = PoolOption,
            store: str | None = typer.Option(None, help="s3://bucket/prefix: upload this checkout's code there and "
                                             "give every deployment a pull step, so workers need no checkout")) -> None:

@@ -13,36 +13,49 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from components import promotion
-from components.config import REGISTERED_REF, Profile, content_hash
+from components.config import REGISTERED_REF, ModelConfig, Profile, content_hash
 from components.stage_io import read_metrics
 from components.tracking import NotFound, Tracker, VersionRecord
-from flows.keys import StageOutput, code_version, registered_base
+from flows.keys import StageOutput, code_version, inputs_of, registered_base, stage_key
 from flows.locks import exclusive
 from flows.recipe import PARENTS, RECIPE, REGISTERED, recipe_step, section
 
 
 def pin_bases(profile: Profile, tracker: Tracker) -> tuple[list[str], dict[str, str]]:
-    """Overrides that fix each registry base for the whole run: the version its alias names now,
-    or its fallback while none does; and tags that say which. The run's keys, the stages it sends
-    elsewhere and its rerun then use that one version, however the alias moves meanwhile (this
-    run's own promotions move it)."""
+    """Overrides that fix each registry base for the whole run, and tags that say which it is. The
+    run's keys, the stages it sends elsewhere and its rerun then use that one version, however
+    the alias moves meanwhile (this run's own promotions move it)."""
     overrides, tags = [], {}
     for step in (s for s in RECIPE if s.module == "base"):
         config = section(profile, step)
-        if config.source != "registry":
-            continue
-        found = REGISTERED_REF.fullmatch(config.path)
-        try:
-            version = tracker.version(found["name"], found["alias"] or found["version"])
-        except NotFound:
-            if found["version"] or config.fallback is None:
-                registered_base(config.path, f"{step.section}.path", profile)  # raises, saying what to do
-            overrides.append(f"{step.section}={json.dumps(config.fallback.model_dump(mode='json'))}")
-            tags[f"{step.section}_base"] = f"fallback ({config.path}: none yet)"
-            continue
-        overrides.append(f"{step.section}.path={version.ref}")
-        tags[f"{step.section}_base"] = f"{version.ref} ({config.path})"
+        if config.source == "registry":
+            version, tags[f"{step.section}_base"] = pinned_base(config, f"{step.section}.path", profile, tracker)
+            overrides.append(f"{step.section}.path={version.ref}" if version else
+                             f"{step.section}={json.dumps(config.fallback.model_dump(mode='json'))}")
     return overrides, tags
+
+
+def pinned_base(config: ModelConfig, what: str, profile: Profile, tracker: Tracker) -> tuple[VersionRecord | None, str]:
+    """The version a registry base stands for in this run (None: its fallback), and why."""
+    found = REGISTERED_REF.fullmatch(config.path)
+    try:
+        version = tracker.version(found["name"], found["alias"] or found["version"])
+    except NotFound:
+        if found["version"] or config.fallback is None:
+            registered_base(config.path, what, profile)  # raises, saying what to do
+        return None, f"fallback ({config.path}: none yet)"
+    data = recipe_step("data")
+    if found["alias"] and version.tags.get("data_key") == stage_key("data", profile.data, inputs_of(data, {}, profile),
+                                                                     profile):
+        # The alias names a model that learnt this very data: with nothing new, the night reruns
+        # the one that made it (from its base: every stage a cache hit), not more of its own output.
+        learnt = f"{config.path} is {version.ref}, trained on this data from it"
+        parent = REGISTERED_REF.fullmatch(version.tags.get("parent_model", ""))
+        if parent and parent["version"]:
+            return tracker.version(parent["name"], parent["version"]), f"{parent[0]} ({learnt})"
+        if config.fallback is not None:
+            return None, f"fallback ({learnt})"
+    return version, f"{version.ref} ({config.path})"
 
 
 @task(name="register", cache_policy=NO_CACHE)
@@ -86,7 +99,8 @@ def registered_version(ctx, role: str, outputs: dict[str, StageOutput], data_has
     tags = promotion.lineage(
         stage_key=out.key, code_version=code_version(recipe_step(role).module),
         config_hash=content_hash(ctx.profile)[:16], commit=ctx.commit, data_hash=data_hash,
-        eval_run_id=evaluation.run_id, eval_key=eval_key(ctx, outputs), metrics=evaluation.result["metrics"],
+        data_key=outputs["data"].key, eval_run_id=evaluation.run_id, eval_key=eval_key(ctx, outputs),
+        metrics=evaluation.result["metrics"],
         parent=registered[parent]["ref"] if parent in registered else  # else a base; from the registry: its version
         outputs[parent].result.get("registered") or f"{parent} (stage {outputs[parent].key})",
         parent_eval_run_id=outputs[f"eval_{parent}"].run_id if f"eval_{parent}" in outputs else None,
