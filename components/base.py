@@ -25,7 +25,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from components.addition import WORK_HINT, addition_question, addition_work, held_out, r1_completion
-from components.config import ModelConfig
 from components.digest import file_sha256
 from components.modeling import (
     build_tiny_tokenizer,
@@ -34,6 +33,7 @@ from components.modeling import (
     render_prompt,
     save_model,
 )
+from components.sections import ModelConfig
 from components.stage_io import (
     MetricsLog,
     keep_checkpoint,

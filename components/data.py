@@ -23,10 +23,10 @@ from components.addition import (
     held_out,
     r1_completion,
 )
-from components.config import DataConfig
 from components.gym import gym_splits
 from components.importer import PRESETS, decontaminate, import_file
 from components.jsonl import write_jsonl
+from components.sections import DataConfig
 from components.stage_io import StageSpec, main, write_result
 from components.store import data_objects, fetch_objects, objects_key
 

@@ -16,11 +16,11 @@ import json
 from collections import Counter
 from statistics import mean
 
-from components.config import EvaluateConfig
 from components.generation import Sampling, generate
 from components.jsonl import load_jsonl, write_jsonl
 from components.modeling import load_tokenizer, render_prompt
 from components.rewards import extract_answer, format_reward, grade, language_reward, lenient_answer
+from components.sections import EvaluateConfig
 from components.stage_io import StageSpec, main, seed_everything, write_result
 
 

@@ -17,11 +17,11 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from components.config import GRPOSection
 from components.generation import Sampling, sample
 from components.jsonl import load_jsonl
 from components.modeling import load_model, load_tokenizer, pick_device, render_prompt
 from components.rewards import REWARDS, final_answer, grade
+from components.sections import GRPOSection
 from components.stage_io import StageSpec, main, seed_everything, write_result
 from components.trainer import (
     TrainerLog,

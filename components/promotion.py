@@ -19,7 +19,7 @@ from statistics import mean
 
 import numpy as np
 
-from components.config import PromotionConfig
+from components.sections import PromotionConfig
 from components.tracking import NotFound, Tracker, VersionRecord
 
 # Collapse signals TRL's GRPOTrainer logs, and which side of the threshold is bad.

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 
 from components.addition import r1_completion
-from components.config import RejectionSamplingConfig
 from components.generation import Sampling, generate
 from components.jsonl import load_jsonl, write_jsonl
 from components.modeling import load_tokenizer, render_prompt
 from components.rewards import accuracy_reward, extract_answer, format_reward, language_reward
+from components.sections import RejectionSamplingConfig
 from components.stage_io import StageSpec, main, seed_everything, write_result
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from components.config import SFTSection
 from components.jsonl import load_jsonl
 from components.modeling import load_model, load_tokenizer, pick_device, render_prompt
+from components.sections import SFTSection
 from components.stage_io import StageSpec, main, seed_everything, write_result
 from components.trainer import callbacks, loss_summary, save_trained, train_resumable, trl_arguments
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from components.config import TrainSection
 from components.modeling import save_model, use_bf16
+from components.sections import TrainSection
 from components.stage_io import (
     MetricsLog,
     StageSpec,

@@ -315,7 +315,7 @@ def upload(folder: Path = FolderArgument,
     """Put a folder into the S3 store with a manifest of its files (sizes, sha256), as a profile's
     ``base.path`` reads it: a model that every worker fetches, checks file by file, and keys by
     that manifest."""
-    from components.config import has_credentials
+    from components.sections import has_credentials
     from components.store import Store
 
     if not folder.is_dir():

@@ -16,8 +16,9 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from components.config import REGISTERED_REF, ModelConfig, Profile, Section, content_hash, plain_template
+from components.config import Profile, content_hash, plain_template
 from components.digest import content_sha256
+from components.sections import REGISTERED_REF, ModelConfig, Section
 from components.stage_io import split_ref
 from components.store import data_objects, objects_key, stored_folder_key
 from flows.machines import accelerated
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 COMPONENTS = Path(__file__).resolve().parents[1] / "components"
 # The config schema is not code that runs: a stage's config *values* (defaults included) are in
 # its key already, so an edit to a help string or another section's fields must change no key.
-SCHEMA = "config"
+SCHEMA = {"config", "sections"}
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def data_file(path: str, what: str) -> Artifact:
 def code_version(module: str) -> str:
     """Hash of a component module and the ``components`` modules it imports, transitively
     (the config schema aside)."""
-    seen: set[str] = {SCHEMA}
+    seen: set[str] = set(SCHEMA)
     pending = [module]
     digest = hashlib.sha256()
     while pending:
@@ -154,6 +155,8 @@ def stage_key(module: str, config: Section, inputs: dict[str, Artifact], profile
               "runtime": runtime_identity(module, profile)}
     if uses_vllm(module, config, profile):  # another environment, and an engine of its own
         shared["runtime"]["vllm"] = environment_identity(profile)
+    if isinstance(config, ModelConfig) and config.source == "registry":  # the version is the input, however named
+        config = config.model_copy(update={"path": None})
     return content_hash(module, code_version(module), config, {k: v.key for k, v in sorted(inputs.items())},
                         shared)[:16]
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from components.config import Profile, Section
+from components.config import Profile
+from components.sections import Section
 from components.stage_io import split_ref
 
 # Every model is evaluated, the students' base too: a registered model must beat its parent.

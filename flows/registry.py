@@ -13,7 +13,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from components import promotion
-from components.config import REGISTERED_REF, ModelConfig, Profile, content_hash
+from components.config import Profile, content_hash
+from components.sections import REGISTERED_REF, ModelConfig
 from components.stage_io import read_metrics
 from components.tracking import NotFound, Tracker, VersionRecord
 from flows.keys import StageOutput, code_version, inputs_of, registered_base, stage_key

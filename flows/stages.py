@@ -15,7 +15,8 @@ import json
 import shutil
 from pathlib import Path
 
-from components.config import Profile, Section, plain_template
+from components.config import Profile, plain_template
+from components.sections import Section
 from components.stage_io import StageSpec, fetch_checkpoint
 from components.store import Store
 from flows import cache

@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from components.config import ModelConfig, Profile, Section
+from components.config import Profile
 from components.digest import file_sha256
+from components.sections import ModelConfig, Section
 from flows.machines import on_cpu, stage_python
 from flows.recipe import RECIPE, section
 

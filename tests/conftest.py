@@ -23,7 +23,7 @@ configure(_SESSION / "workspace")
 
 import reliability_doc
 
-from components.config import DataConfig, ModelConfig
+from components.sections import DataConfig, ModelConfig
 
 
 def pytest_addoption(parser):
@@ -72,9 +72,11 @@ def pytest_unconfigure(config):
 
 
 # The longest files, longest first (their seconds with 3 workers on 2 cores, 2026-12-07: 601, 399, 355,
-# test_vllm.py ~260 alone, 258, 168, 167, 142, 137, 125, 110, 66, 63, 53). xdist hands whole files to
-# its workers in collection order: started first, none is left running alone at the end.
-LONGEST = ("test_hosts.py", "test_faults.py", "test_multi_machine.py", "test_vllm.py", "test_pipeline.py",
+# test_vllm.py ~260 alone, test_nightly.py ~240 alone, 258, 168, 167, 142, 137, 125, 110, 66, 63, 53).
+# xdist hands whole files to its workers in collection order: started first, none is left running
+# alone at the end.
+LONGEST = ("test_hosts.py", "test_faults.py", "test_multi_machine.py", "test_vllm.py", "test_nightly.py",
+           "test_pipeline.py",
            "test_resume.py", "test_servers.py", "test_servers_down.py", "test_deepspeed.py", "test_data_sources.py",
            "test_bad_input.py", "test_schedule.py", "test_workspace.py", "test_security.py")
 

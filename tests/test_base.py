@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from components import base
 from components.addition import WORK_HINT, held_out
 from components.base import gguf_provenance
-from components.config import ModelConfig, load_profile
+from components.config import load_profile
 from components.rewards import format_reward
+from components.sections import ModelConfig
 
 
 def test_tiny_base_pretrains_saves_and_reloads(tiny_base):

@@ -3,9 +3,9 @@ import json
 import pytest
 
 from components.addition import addition_question, addition_work, held_out
-from components.config import DataConfig
 from components.data import build_datasets, synthetic_addition
 from components.rewards import format_reward
+from components.sections import DataConfig
 
 
 def test_addition_work_carries_column_by_column():

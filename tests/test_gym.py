@@ -6,11 +6,11 @@ import re
 
 import pytest
 
-from components.config import DataConfig
 from components.data import build_datasets, no_traces
 from components.gym import gym_splits, score
 from components.jsonl import load_jsonl
 from components.rewards import accuracy_reward, gold_parses
+from components.sections import DataConfig
 from components.validate import validate_records
 
 SUMS = {"chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}}

@@ -45,7 +45,7 @@ def test_the_kubernetes_deployments_cover_every_stage_on_the_same_pools():
     local = yaml.safe_load((INFRA / "prefect.yaml").read_text())
     pools = {d["name"]: d["work_pool"]["name"] for d in local["deployments"]}
     on_k8s = {d["name"]: d for d in k8s["deployments"]}
-    assert set(on_k8s) == set(pools) == {"nightly", *STAGES}
+    assert set(on_k8s) == set(pools) == {"nightly", "retrain", *STAGES}
     for name, deployment in on_k8s.items():
         assert deployment["work_pool"]["name"] == f"{pools[name]}-k8s"
         image = deployment["work_pool"]["job_variables"]["image"].split(":")[0]

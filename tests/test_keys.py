@@ -72,7 +72,7 @@ def test_code_version_follows_imports(components_copy):
 
 
 def test_a_help_string_of_the_config_schema_changes_no_stage_key(components_copy):
-    edit = lambda copy: _edit(copy / "config.py", 'description="share of well-formed eval samples"',
+    edit = lambda copy: _edit(copy / "sections.py", 'description="share of well-formed eval samples"',
                               'description="the share of eval samples that are well-formed"')
     assert _changed_keys(edit, components_copy) == set()
 

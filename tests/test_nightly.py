@@ -48,7 +48,10 @@ def cluster(tmp_path_factory):
                  "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true"},
             stdout=(folder / "worker.log").open("w"), stderr=subprocess.STDOUT)
         try:
-            with pytest.MonkeyPatch.context() as patch:
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            # the environment alone does not move a client whose settings an earlier test loaded
+            with pytest.MonkeyPatch.context() as patch, temporary_settings({PREFECT_API_URL: stack.prefect_api}):
                 for key, value in env.items():
                     patch.setenv(key, value)
                 yield stack

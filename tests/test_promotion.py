@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from components.config import PromotionConfig
 from components.promotion import (
     Evidence,
     crown,
@@ -19,6 +18,7 @@ from components.promotion import (
     training_health,
     verdict,
 )
+from components.sections import PromotionConfig
 from components.tracking import Tracker
 
 GATE = PromotionConfig(min_format_rate=0.9, patience=3, min_entropy=0.02)

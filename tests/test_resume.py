@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from components import base
-from components.config import ModelConfig
+from components.sections import ModelConfig
 from components.stage_io import keep_checkpoint, latest_checkpoint
 
 MICRO = str(Path(__file__).parents[1] / "configs" / "micro.yaml")

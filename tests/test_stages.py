@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from components.config import ModelConfig, load_profile
+from components.config import load_profile
+from components.sections import ModelConfig
 from flows import launch
 from flows.stages import StageFailed, run_stage
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from components import base
-from components.config import ModelConfig
+from components.sections import ModelConfig
 from components.stage_io import fetch_checkpoint
 from components.store import CorruptObject, Store
 from flows.cache import stage_folder

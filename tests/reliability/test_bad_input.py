@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from helpers import small_gguf
 
-from components.config import ModelConfig, load_profile
+from components.config import load_profile
+from components.sections import ModelConfig
 from flows.keys import inputs_of
 from flows.recipe import recipe_step
 from flows.stages import StageFailed, run_stage
