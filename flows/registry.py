@@ -8,12 +8,14 @@ Each model is registered once per stage key (alias ``candidate``) with its linea
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from components import promotion
-from components.config import Profile, content_hash
+from components.config import Profile, content_hash, plain_template
+from components.digest import file_sha256
 from components.sections import REGISTERED_REF, ModelConfig
 from components.stage_io import read_metrics
 from components.tracking import NotFound, Tracker, VersionRecord
@@ -121,5 +123,7 @@ def base_provenance(role: str, outputs: dict[str, StageOutput]) -> dict[str, str
 
 
 def eval_key(ctx, outputs: dict[str, StageOutput]) -> str:
-    """What makes two evaluations comparable: the protocol and the test set."""
-    return content_hash(ctx.profile.evaluate, outputs["data"].artifact("test").key)[:16]
+    """What makes two evaluations comparable: the protocol, the prompt and the test set's content
+    (not the data stage's key, which new training data changes: nights pair on one test set)."""
+    test = file_sha256(Path(outputs["data"].artifact("test").path))
+    return content_hash(ctx.profile.evaluate, plain_template(ctx.profile), test)[:16]
