@@ -18,6 +18,7 @@ import re
 import signal
 import threading
 from collections.abc import Callable
+from itertools import pairwise
 
 from math_verify import parse, verify
 
@@ -28,6 +29,7 @@ MAX_DEPTH = 4  # gold answers nest brackets 2 deep; parsing 8 nested parentheses
 MAX_GROUPS = 16  # gold answers open at most 5 brackets; a (…) holding 60 groups took 2.3 s
 MAX_OPERAND = 9999  # allows 2^{2005}; 1000000! and 9^{999999999} each ran into the 5 s timeout
 MAX_GROUP_POWER = 12  # (x+y+z)^{12} took 0.5 s to compare, (x+1)^{500} 1.7 s, (x+y+z)^{99} > 5 s
+MAX_BOXES = 4  # distinct boxed texts compared by value; more is a hedge whatever they hold
 GRADE_SECONDS = 0.8  # CPU seconds; the slowest MATH-500 gold answer grades in 0.35 s
 
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -58,11 +60,26 @@ def _boxes(text: str) -> list[tuple[int, int, int]]:
 
 
 def _differ(text: str, boxes: list[tuple[int, int, int]]) -> bool:
-    """Whether the boxes hold different values. Stops at the first difference, so nested boxes
-    cost two slices, not one per level."""
-    values = (" ".join(text[start:end].split()) for _, start, end in boxes)
-    first = next(values, None)
-    return any(value != first for value in values)
+    """Whether the boxes hold different values: different text that the grader does not find
+    equal ("055" and "\\textbf{(55)}", "1/2" and "0.5" are one value; "41" and "42" two).
+    Reads at most MAX_BOXES + 1 distinct texts, so nested boxes cost a few slices, not one per
+    level; more distinct texts, one too costly to parse, or a box inside a box (two answers in
+    one: "\\boxed{41 \\boxed{42}}") count as different."""
+    if any(inner < outer_end for (_, _, outer_end), (inner, _, _) in pairwise(boxes)):
+        return True
+    distinct: list[str] = []
+    for _, start, end in boxes:
+        value = " ".join(text[start:end].split())
+        if value not in distinct:
+            distinct.append(value)
+            if len(distinct) > MAX_BOXES:
+                return True
+    if len(distinct) < 2:
+        return False
+    if any(_too_costly(value) for value in distinct):
+        return True
+    first, *others = distinct
+    return _bounded(lambda: all(_equivalent(first, value) for value in others)) is not True
 
 
 def _final_expression(text: str) -> str:

@@ -133,6 +133,26 @@ def test_two_different_boxed_values_earn_no_accuracy():
     assert not is_correct("\\boxed{41} or \\boxed{42}", "42", "math")  # a set, not 42
 
 
+def test_boxes_differ_by_value_not_by_notation():
+    """Boxes that the grader finds equal are one answer, whatever their notation; different
+    values, a box inside a box, or more than MAX_BOXES forms stay a hedge, and costly boxes are
+    refused as fast as one."""
+    same = [("\\boxed{055}, that is \\boxed{\\textbf{(55)}}", "55"), ("\\boxed{1/2} = \\boxed{0.5}", "\\frac{1}{2}"),
+            ("So $x = \\boxed{7}$.\n\nAnswer: \\boxed{7.0}", "7"), ("\\boxed{(B)} \\boxed{B}", "B")]
+    different = [("\\boxed{1/3} or \\boxed{0.33}", "\\frac{1}{3}"), ("\\boxed{55} or \\boxed{\\textbf{(56)}}", "55"),
+                 ("\\boxed{41 \\boxed{42}}", "42"),
+                 ("".join(f"\\boxed{{{v}}}" for v in ("42", "042", "0042", "42.0", "\\textbf{42}")), "42")]
+    for answer, gold in same:
+        assert grading.committed(answer) and is_correct(answer, gold, "math"), answer
+        assert accuracy_reward([r1_completion("t", answer)], [gold], ["math"]) == [1.0], answer
+    for answer, gold in different:
+        assert not grading.committed(answer), answer
+        assert accuracy_reward([r1_completion("t", answer)], [gold], ["math"]) == [0.0], answer
+    tower = "9^{9^{9^{9}}}"
+    start = time.perf_counter()
+    assert not grading.committed(f"\\boxed{{{tower}}} \\boxed{{1}}") and time.perf_counter() - start <= BOUND_S
+
+
 def test_echoed_prompt_numbers_earn_no_accuracy():
     """The prompt's numbers handed back as a calculation ("12 + 30" for 42) earn accuracy 0 on
     gsm8k and math (format 1: R1's format holds), while Countdown's expression answers still count."""

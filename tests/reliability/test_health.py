@@ -60,6 +60,8 @@ def registry(tmp_path_factory):
         profile = load_profile(MICRO, [f"tracking.registry_prefix={prefix}"])
         ctx = Context(profile, locate(profile, tmp), tracker, None, {})
         metrics = {"pass@1": correct / 200, "format_rate": 1.0}
+        (tmp / "data").mkdir(exist_ok=True)
+        (tmp / "data" / "test.jsonl").write_text("".join(json.dumps({"id": p}) + "\n" for p in PROMPTS))
         outputs = {"data": StageOutput("data", tmp / "data", "d0", True),
                    "base": StageOutput("base", tmp / "base", "b0", True),
                    "eval_base": StageOutput("eval_base", tmp, "e0", True, evaluation(100)),
