@@ -150,6 +150,15 @@ def main() -> None:
     args = parser.parse_args()
     config = args.config.resolve()
     profile = load_profile(config, args.overrides)
+    import torch
+
+    from components.modeling import use_bf16
+
+    device = "cuda" if profile.runtime.device == "cuda" or (profile.runtime.device == "auto" and
+                                                           torch.cuda.is_available()) else "cpu"
+    ran = "bf16" if use_bf16(device, profile.runtime.precision) else "fp32"
+    cpu = f"{torch.backends.cpu.get_cpu_capability()} capability"
+    print(f"precision: {ran} ({profile.runtime.precision} on {device}, {cpu})", flush=True)
     seeds = {}
     for seed in args.seeds:
         folder = PROJECT / ".r1flow" / "bench" / args.name / f"seed-{seed}"
@@ -164,8 +173,9 @@ def main() -> None:
         seeds[seed] = {**read_seed(folder, profile), "wall": wall}
         print(f"seed {seed}: {wall / 60:.1f} min", flush=True)
     tasks = ", ".join(f"{task} {json.dumps(cfg)}" for task, cfg in profile.data.tasks.items())
-    title = (f"`{config.relative_to(PROJECT)}`{' with ' + ', '.join(args.overrides) if args.overrides else ''}: "
-             f"{profile.data.n_test} held-out test problems ({tasks}), {profile.evaluate.k} samples each at "
+    title = (f"`{config.relative_to(PROJECT)}`{' with ' + ', '.join(args.overrides) if args.overrides else ''}, "
+             f"{ran} on a CPU of {cpu}: {profile.data.n_test} held-out test problems ({tasks}), "
+             f"{profile.evaluate.k} samples each at "
              f"T={profile.evaluate.temperature} / top-p {profile.evaluate.top_p}.")
     print(report(seeds, title, args.out, args.name))
 

@@ -97,9 +97,21 @@ def load_tokenizer(path: str | Path, padding_side: str = "left") -> PreTrainedTo
     return tokenizer
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). Elsewhere torch emulates it:
+    a forward and backward pass of SmolLM2-135M on 16 x 100 tokens took 22 s in fp32 and over
+    225 s under bf16 autocast on an AVX2-only CPU, and vLLM 16 s for 4 tokens."""
+    if not torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX")):  # the kernels torch picked
+        return False
+    cpu = torch.cpu  # which AVX512 CPU: not every one has the bf16 instructions
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 def use_bf16(device: str, precision: str = "auto") -> bool:
-    """``runtime.precision`` resolved: bf16 when asked, or by default on a GPU."""
-    return precision == "bf16" or (precision == "auto" and device == "cuda")
+    """``runtime.precision`` resolved: bf16 when asked; by default on a GPU, and on a CPU that
+    computes bf16 natively (``native_bf16``)."""
+    return precision == "bf16" or (precision == "auto" and (device == "cuda" or (device == "cpu" and native_bf16())))
 
 
 def load_model(path: str | Path, device: str = "cpu", for_training: bool = False, precision: str = "auto",

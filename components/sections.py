@@ -268,7 +268,8 @@ class RuntimeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="bf16: training autocasts over fp32 master weights and generation runs in bf16; "
-        "auto: bf16 on GPU, fp32 on CPU (bf16 pays on CPUs with AMX or AVX512-BF16: `lscpu | grep bf16`)")
+        "auto: bf16 on GPU and on a CPU that computes it natively (AVX512-BF16 or AMX, as torch reports), else "
+        "fp32 (elsewhere bf16 runs >10x slower). The stage key holds the setting, not what auto chose")
     generation_backend: Literal["transformers", "vllm"] = "transformers"
     launcher: Literal["python", "accelerate"] = Field(
         "python", description="how training stages start: plain python, or accelerate launch (DeepSpeed)")

@@ -33,7 +33,7 @@ class StageSpec:
     input_keys: dict[str, str] = field(default_factory=dict)  # each input's content key, as the run planned it
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"  # runtime.precision: bf16, fp32, or auto (bf16 on GPU only)
+    precision: str = "auto"  # runtime.precision: bf16, fp32, or auto (GPU, or a CPU with native bf16)
     prompt_template: str | list[dict] = "{question}"  # or chat turns ending in the question's
     generation_backend: str = "transformers"
     vllm: dict = field(default_factory=dict)  # runtime.vllm: the engine settings of a stage that uses vLLM

@@ -10,13 +10,7 @@ from __future__ import annotations
 import os
 from functools import partial
 
-import torch
-
-from components.modeling import check_model_folder, use_bf16
-
-# What native bf16 needs on a CPU: on AVX2 alone vLLM crawled in bf16 (16 s for 4 tokens of
-# SmolLM2-135M), as torch's own bf16 does (>10x slower than fp32).
-NATIVE_BF16 = ("AVX512", "AMX")
+from components.modeling import check_model_folder, native_bf16, use_bf16
 
 
 def dtype(settings: dict, device: str, precision: str) -> str:
@@ -26,8 +20,7 @@ def dtype(settings: dict, device: str, precision: str) -> str:
         return settings["dtype"]
     if device != "cpu":
         return "auto"
-    native = torch.backends.cpu.get_cpu_capability().startswith(NATIVE_BF16)
-    return "bfloat16" if use_bf16(device, precision) and native else "float32"
+    return "bfloat16" if use_bf16(device, precision) and native_bf16() else "float32"
 
 
 def engine_arguments(settings: dict, device: str, precision: str) -> dict:

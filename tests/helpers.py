@@ -1,7 +1,7 @@
 """What several test files share, one copy each: separate hosts on one machine (``Hosts``), what a
 completed pipeline run leaves in MLflow (``check_runs``, ``check_report``, ``check_registry``),
-bounded waits on processes, a PostgreSQL database per test, the stage processes of a workspace,
-and a small GGUF file.
+bounded waits on processes, a PostgreSQL database per test, an S3 bucket on SeaweedFS, the stage
+processes of a workspace, and a small GGUF file.
 
 Free ports and waiting for a server's URL are the project's own: ``flows.servers.free_port`` and
 ``flows.servers.wait_for``. Heavy libraries are imported where they are used, so that importing
@@ -94,6 +94,34 @@ def drop_database(name: str) -> None:
 
 
 # --- model files -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def s3_prefix(folder: Path, user: str):
+    """A SeaweedFS S3 endpoint with its bucket, started in ``folder``; the environment points s3fs
+    (and the stages) at it. Yields the ``Store`` of a prefix of the bucket of the caller's own."""
+    import secrets
+
+    import pytest
+
+    from components.store import Store
+    from flows.servers import BUCKET, free_port, seaweedfs, stop
+
+    keys = {"AWS_ACCESS_KEY_ID": user, "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16)}
+    port = free_port()
+    server = seaweedfs(folder, "127.0.0.1", port, keys)
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {**keys, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}.items():
+            env.setenv(name, value)
+        try:
+            store = Store.at(f"s3://{BUCKET}")
+            for _ in range(60):  # the bucket is made just after S3 answers
+                if store.fs.exists(BUCKET):
+                    break
+                time.sleep(0.5)
+            yield Store.at(f"s3://{BUCKET}/{secrets.token_hex(4)}")
+        finally:
+            stop([server])
 
 
 def small_gguf(path: Path) -> Path:

@@ -4,17 +4,16 @@ R1-Zero on a file without worked solutions."""
 
 from __future__ import annotations
 
-import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from helpers import s3_prefix
 
 from components.config import ConfigError, load_profile
-from components.store import Store, data_objects
-from flows.servers import BUCKET, free_port, seaweedfs, stop
+from components.store import data_objects
+from flows.servers import BUCKET
 
 MICRO = str(Path(__file__).parents[1] / "configs" / "micro.yaml")
 # TinyZero's Countdown columns, mapped by two keys; no worked solutions, so no cold-start traces.
@@ -25,21 +24,8 @@ COUNTDOWN = ["data.source=file", "data.task=countdown", "data.columns={numbers: 
 def bucket(tmp_path_factory):
     """A SeaweedFS S3 endpoint; the environment points s3fs (and the stages) at it. Yields a prefix
     of its bucket of this test's own."""
-    keys = {"AWS_ACCESS_KEY_ID": "data-test", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16)}
-    port = free_port()
-    server = seaweedfs(tmp_path_factory.mktemp("seaweedfs"), "127.0.0.1", port, keys)
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in {**keys, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}.items():
-            env.setenv(name, value)
-        try:
-            store = Store.at(f"s3://{BUCKET}")
-            for _ in range(60):  # the bucket is made just after S3 answers
-                if store.fs.exists(BUCKET):
-                    break
-                time.sleep(0.5)
-            yield Store.at(f"s3://{BUCKET}/{secrets.token_hex(4)}")
-        finally:
-            stop([server])
+    with s3_prefix(tmp_path_factory.mktemp("seaweedfs"), "data-test") as store:
+        yield store
 
 
 def countdown_parquet(path: Path, problems: list[tuple[list[int], int]]) -> Path:

@@ -165,8 +165,8 @@ def test_the_launch_starts_processes_per_machine_times_machines(monkeypatch, tmp
 
 def test_bf16_on_cpu_is_a_runtime_setting_in_the_stage_key(tmp_path):
     profile = load_profile(PROJECT / "configs" / "micro.yaml")
-    spec = StageSpec(stage="r1_zero", config={}, output=tmp_path)
-    assert trl_arguments(profile.grpo, spec, "cpu")["bf16"] is False
+    spec = StageSpec(stage="r1_zero", config={}, output=tmp_path, precision=profile.runtime.precision)
+    assert trl_arguments(profile.grpo, spec, "cpu")["bf16"] is False  # micro: fp32 on every CPU
     spec.precision = "bf16"
     assert trl_arguments(profile.grpo, spec, "cpu")["bf16"] is True
     bf16 = profile.model_copy(update={"runtime": profile.runtime.model_copy(update={"precision": "bf16"})})

@@ -41,6 +41,26 @@ def test_on_gpu_training_keeps_fp32_master_weights_and_generation_runs_bf16(rand
     assert load_model(random_model, "cuda").dtype == torch.bfloat16
 
 
-def test_on_cpu_everything_loads_fp32(random_model):
-    assert load_model(random_model, "cpu").dtype == load_model(random_model, "cpu", for_training=True).dtype
-    assert load_model(random_model, "cpu").dtype == torch.float32
+def test_auto_precision_takes_bf16_only_on_a_cpu_that_computes_it_natively(monkeypatch):
+    from components import modeling
+    from components.vllm_engine import dtype
+
+    def cpu(capability: str, bf16_instructions: bool) -> None:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16_instructions)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+
+    cpu("AVX2", False)
+    assert not modeling.use_bf16("cpu", "auto") and dtype({}, "cpu", "auto") == "float32"
+    assert modeling.use_bf16("cpu", "bf16") and dtype({}, "cpu", "bf16") == "float32"  # vLLM crawls: never
+    cpu("AVX512", False)  # AVX512 without its bf16 instructions
+    assert not modeling.use_bf16("cpu", "auto")
+    cpu("AVX512", True)
+    assert modeling.use_bf16("cpu", "auto") and dtype({}, "cpu", "auto") == "bfloat16"
+    assert not modeling.use_bf16("cpu", "fp32") and dtype({}, "cpu", "fp32") == "float32"
+    assert modeling.use_bf16("cuda", "auto") and dtype({}, "cuda", "auto") == "auto"
+
+
+def test_on_cpu_in_fp32_everything_loads_fp32_and_training_always_does(random_model):
+    assert load_model(random_model, "cpu", precision="fp32").dtype == torch.float32
+    assert load_model(random_model, "cpu", for_training=True, precision="bf16").dtype == torch.float32  # autocast

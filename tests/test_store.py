@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import s3_prefix
 from safetensors.torch import load_file
 
 from components import base
 from components.sections import ModelConfig
 from components.stage_io import fetch_checkpoint
-from components.store import CorruptObject, Store
+from components.store import CorruptObject
 from flows.cache import stage_folder
-from flows.servers import BUCKET, free_port, seaweedfs, stop
 from flows.stages import reuse
 
 TINY = ModelConfig(hidden_size=16, num_hidden_layers=1, intermediate_size=32, pretrain_examples=64,
@@ -29,21 +29,8 @@ TINY = ModelConfig(hidden_size=16, num_hidden_layers=1, intermediate_size=32, pr
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A SeaweedFS S3 endpoint with its bucket; the environment points s3fs at it."""
-    keys = {"AWS_ACCESS_KEY_ID": "store-test", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16)}
-    port = free_port()
-    server = seaweedfs(tmp_path_factory.mktemp("seaweedfs"), "127.0.0.1", port, keys)
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in {**keys, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}.items():
-            env.setenv(name, value)
-        try:
-            store = Store.at(f"s3://{BUCKET}")
-            for _ in range(60):  # the bucket is made just after S3 answers
-                if store.fs.exists(BUCKET):
-                    break
-                time.sleep(0.5)
-            yield Store.at(f"s3://{BUCKET}/{secrets.token_hex(4)}")
-        finally:
-            stop([server])
+    with s3_prefix(tmp_path_factory.mktemp("seaweedfs"), "store-test") as store:
+        yield store
 
 
 def folder_with(path: Path, files: dict[str, bytes]) -> Path:
