@@ -140,13 +140,16 @@ def _figure(value) -> str:
 
 def print_summary(summary: dict, seconds: float) -> None:
     stages = Table(title="stages", caption="cached: reused from .r1flow/stages/<stage>/<key>; ran: executed now")
-    for column in ("stage", "status", "seconds"):
-        stages.add_column(column, justify="right" if column == "seconds" else "left")
+    for column in ("stage", "status", "seconds", "start", "end"):
+        stages.add_column(column, justify="left" if column in ("stage", "status") else "right")
     for name, cached in summary["stages"].items():
-        seconds_taken = summary.get("seconds", {}).get(name)
+        taken, span = summary.get("seconds", {}).get(name), summary.get("timeline", {}).get(name, ["", ""])
         stages.add_row(name, "[dim]cached[/dim]" if cached else "[bold]ran[/bold]",
-                       f"{seconds_taken:.1f}" if seconds_taken is not None else "")
+                       f"{taken:.1f}" if taken is not None else "", *(str(t) for t in span))
     console.print(stages)
+    if path := summary.get("critical_path", {}).get("stages"):  # start, end: seconds into the run
+        console.print(f"wall {summary['wall_seconds']:.0f} s, stages {summary['stage_seconds']:.0f} s, critical path "
+                      f"{summary['critical_path']['seconds']:.0f} s: {' → '.join(path)}")
     if not summary.get("metrics"):  # --only, or a profile whose stages evaluate nothing
         recorded = f"MLflow run {summary['run_id']}" if summary["run_id"] else \
             f"recorded by machine rank 0 (stage key {summary['key']})"

@@ -35,7 +35,7 @@ from flows.keys import Artifact, StageOutput, inputs_of, stage_key
 from flows.locks import exclusive
 from flows.machines import Machines, machines
 from flows.outputs import record, report, validate
-from flows.recipe import RECIPE, Step, check_stage, downstream, recipe_step, section, selected
+from flows.recipe import RECIPE, Step, check_stage, critical_path, downstream, recipe_step, section, selected
 from flows.registry import pin_bases, register
 from flows.remote import remote_stage, sent_to_gpu
 from flows.stages import cached_inputs, run_stage
@@ -57,6 +57,13 @@ class Context:
     source: dict  # the flow's own parameters (config, overrides, root), for stages sent elsewhere
     commit: dict = field(default_factory=dict)  # git commit of the code, read once per run
     seconds: dict[str, float] = field(default_factory=dict)
+    spans: dict[str, tuple[float, float]] = field(default_factory=dict)  # each stage's start and end
+    started: float = field(default_factory=time.time)
+
+    def took(self, name: str, started: float) -> None:
+        """A stage ran (or was reused) from ``started`` until now."""
+        self.spans[name] = (started, time.time())
+        self.seconds[name] = self.spans[name][1] - started
 
 
 # --- one stage ------------------------------------------------------------------------------
@@ -76,7 +83,7 @@ def stage(ctx: Context, step: Step, inputs: dict[str, Artifact], force: bool = F
                                 force=force), run_id=run)
         validate(ctx.tracker, out, step, ctx.place.workspace, ctx.profile.data.source)
         record(ctx.tracker, out, step)
-    ctx.seconds[step.name] = time.time() - started
+    ctx.took(step.name, started)
     print(f"{step.name}: {'cache hit' if out.cached else 'done'} ({out.folder})")
     # A cache hit ends its task in a state named Cached, so the Prefect UI shows it as one.
     return Completed(data=out, name="Cached", message=f"reused {out.folder}") if out.cached else out
@@ -208,8 +215,14 @@ def pipeline_run(config: str | None, overrides: list[str] | None, root: str | No
 
 
 def summary(ctx: Context) -> dict:
+    """The run's ids and times: each stage's seconds, its start and end (seconds from the run's
+    start), the wall time, the stages' sum, and the critical path through the recipe graph."""
+    path, longest = critical_path(ctx.seconds)
     return {"run_id": ctx.parent_run, "tracking_uri": ctx.tracker.uri, "flow_run_id": str(prefect_run.id),
-            "seconds": ctx.seconds}
+            "seconds": ctx.seconds, "timeline": {name: [round(start - ctx.started, 1), round(end - ctx.started, 1)]
+                                                 for name, (start, end) in ctx.spans.items()},
+            "wall_seconds": time.time() - ctx.started, "stage_seconds": sum(ctx.seconds.values()),
+            "critical_path": {"stages": path, "seconds": longest}}
 
 
 def code_commit() -> dict:

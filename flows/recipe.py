@@ -87,6 +87,20 @@ def downstream(name: str) -> set[str]:
     return {s for s in STAGES if name in upstream(s)}
 
 
+def critical_path(seconds: dict[str, float]) -> tuple[list[str], float]:
+    """The chain of stages, each reading the one before, that took longest by ``seconds``: the
+    least wall time any order of running this run's stages could take. Stages without a time
+    (not run, or restored) add nothing."""
+    longest: dict[str, tuple[float, list[str]]] = {}
+    for step in RECIPE:  # recipe order: every stage after those it reads
+        before = max((longest[d] for d in sorted({split_ref(r)[0] for r in step.inputs.values()}) if d in longest),
+                     key=lambda chain: chain[0], default=(0.0, []))
+        if step.name in seconds:
+            longest[step.name] = (before[0] + seconds[step.name], [*before[1], step.name])
+    total, chain = max(longest.values(), key=lambda chain: chain[0], default=(0.0, []))
+    return chain, total
+
+
 def selected(profile: Profile) -> set[str]:
     """The profile's ``stages`` and everything they need; all stages when it names none."""
     if profile.stages is None:

@@ -67,7 +67,7 @@ def remote_stage(ctx, step: Step, inputs: dict[str, Artifact], force: bool) -> S
                 where = f" (machine rank {rank})" if count > 1 else ""
                 raise StageFailed(f"stage {step.name!r} on deployment {deployment!r}{where} ended {state.name}: "
                                   f"{state.message or 'see the Prefect UI'}")
-    ctx.seconds[step.name] = time.time() - started
+    ctx.took(step.name, started)
     cached = ctx.tracker.run(run_id).tags.get("cached") == "True"
     return replace(cached_output(step, inputs, ctx.profile, ctx.place.workspace), cached=cached, run_id=run_id)
 

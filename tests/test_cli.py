@@ -38,9 +38,11 @@ def test_the_results_table_keeps_readable_headers_at_80_columns(monkeypatch):
                "language_consistency": 1.0, "mean_length": 30.812, "prompts": 200}
     roles = ("base", "cold_start", "r1_zero", "r1_rl", "r1_sft", "r1_final", "student_base", "student",
              "student_no_traces")
-    summary = {"run_id": "75a67174535146a59fe836bad7580d07", "stages": {"data": True}, "data_hash": "50c1",
-               "tracking_uri": "sqlite:///x", "metrics": dict.fromkeys(roles, metrics),
-               "versions": {"student_no_traces": {"version": "12", "champion": True}}}
+    summary = {"run_id": "75a67174535146a59fe836bad7580d07", "stages": {"data": True, "base": False},
+               "data_hash": "50c1", "tracking_uri": "sqlite:///x", "metrics": dict.fromkeys(roles, metrics),
+               "versions": {"student_no_traces": {"version": "12", "champion": True}},
+               "seconds": {"data": 1.25, "base": 30.5}, "timeline": {"data": [0.4, 1.7], "base": [1.7, 32.2]},
+               "wall_seconds": 40.0, "stage_seconds": 31.75, "critical_path": {"stages": ["base"], "seconds": 30.5}}
     console = Console(width=80, record=True, force_terminal=False)
     monkeypatch.setattr(cli, "console", console)
     cli.print_summary(summary, 600.0)
@@ -49,6 +51,8 @@ def test_the_results_table_keeps_readable_headers_at_80_columns(monkeypatch):
     header = next(line for line in text.splitlines() if line.lstrip().startswith("model"))
     assert header.split() == ["model", "pass@1", "lenient", "cons@4", "greedy", "format", "lang", "tokens", "ver"]
     assert "student_no_traces" in text and "v12 ★" in text
+    assert re.search(r"base\W+ran\W+30\.5\W+1\.7\W+32\.2", text)  # the stage table: seconds, start, end
+    assert "wall 40 s, stages 32 s, critical path 30 s: base" in " ".join(text.split())
     assert next(line for line in text.splitlines() if line.startswith("base")).split()[1] == "0.000"  # an int 0
 
 

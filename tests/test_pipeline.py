@@ -45,6 +45,13 @@ def test_parent_run_with_one_child_per_stage(first_run):
     check_runs(summary)
     grpo = child_runs(summary)["r1_zero"]
     assert grpo.data.params["r1_zero.beta"] == str(load_profile(MICRO).grpo.beta)  # params name the stage
+    # Times: each stage's span inside the run; stages one after another, so the wall time holds them all
+    spans = summary["timeline"]
+    assert set(spans) == set(summary["stages"]) and all(0 <= start <= end for start, end in spans.values())
+    assert summary["wall_seconds"] >= summary["stage_seconds"] >= summary["critical_path"]["seconds"] > 0
+    path = summary["critical_path"]  # a chain from a root of the graph to an evaluation, by these times
+    assert path["stages"][0] in ("data", "base", "student_base") and path["stages"][-1].startswith("eval_")
+    assert path["seconds"] == pytest.approx(sum(summary["seconds"][name] for name in path["stages"]))
 
 
 def test_report_published_to_mlflow_and_prefect(first_run):

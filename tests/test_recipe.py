@@ -1,7 +1,7 @@
 """The recipe as data (``flows.recipe``): what each stage reads, what reads it, and where the final
 RL sits among the evaluated and registered models."""
 
-from flows.recipe import EVALUATED, PARENTS, REGISTERED, STAGES, downstream, recipe_step, upstream
+from flows.recipe import EVALUATED, PARENTS, REGISTERED, STAGES, critical_path, downstream, recipe_step, upstream
 
 
 def test_the_recipe_graph_knows_what_a_stage_reads_and_what_reads_it():
@@ -13,6 +13,18 @@ def test_the_recipe_graph_knows_what_a_stage_reads_and_what_reads_it():
     assert downstream("r1_sft") == {"r1_final", "eval_r1_sft", "eval_r1_final"}  # distillation reads the traces
     assert downstream("eval_r1_final") == set() and upstream("base") == set()
     assert STAGES[0] == "data" and len(STAGES) == len(set(STAGES)) == 20  # eval_student_base too
+
+
+def test_the_critical_path_is_the_longest_chain_of_stages_each_reading_the_one_before():
+    seconds = {**dict.fromkeys(STAGES, 1.0), "base": 2.0}
+    # R1's branch is the deepest: base → cold start → RL → rejection sampling → SFT → final RL → its eval
+    assert critical_path(seconds) == (
+        ["base", "cold_start", "r1_rl", "rejection_sampling", "r1_sft", "r1_final", "eval_r1_final"], 8.0)
+    # a slow student pretraining, on a branch of its own until the student reads the traces, becomes the path
+    assert critical_path({**seconds, "student_base": 100.0}) == (["student_base", "student", "eval_student"], 102.0)
+    # stages that did not run add nothing; nothing ran: no path
+    assert critical_path({"data": 2.0, "base": 5.0, "eval_base": 1.0}) == (["base", "eval_base"], 6.0)
+    assert critical_path({}) == ([], 0.0)
 
 
 def test_the_final_rl_is_grpo_on_the_sft_model_evaluated_registered_and_its_child():
