@@ -140,14 +140,14 @@ def _figure(value) -> str:
 
 def print_summary(summary: dict, seconds: float) -> None:
     stages = Table(title="stages", caption="cached: reused from .r1flow/stages/<stage>/<key>; ran: executed now")
-    for column in ("stage", "status", "seconds", "start", "end"):
+    for column in ("stage", "status", "seconds", "start", "end"):  # start, end: seconds into the run
         stages.add_column(column, justify="left" if column in ("stage", "status") else "right")
     for name, cached in summary["stages"].items():
         taken, span = summary.get("seconds", {}).get(name), summary.get("timeline", {}).get(name, ["", ""])
         stages.add_row(name, "[dim]cached[/dim]" if cached else "[bold]ran[/bold]",
                        f"{taken:.1f}" if taken is not None else "", *(str(t) for t in span))
     console.print(stages)
-    if path := summary.get("critical_path", {}).get("stages"):  # start, end: seconds into the run
+    if path := summary.get("critical_path", {}).get("stages"):
         console.print(f"wall {summary['wall_seconds']:.0f} s, stages {summary['stage_seconds']:.0f} s, critical path "
                       f"{summary['critical_path']['seconds']:.0f} s: {' → '.join(path)}")
     if not summary.get("metrics"):  # --only, or a profile whose stages evaluate nothing
