@@ -76,10 +76,16 @@ def _differ(text: str, boxes: list[tuple[int, int, int]]) -> bool:
                 return True
     if len(distinct) < 2:
         return False
-    if any(_too_costly(value) for value in distinct):
-        return True
-    first, *others = distinct
-    return _bounded(lambda: all(_equivalent(first, value) for value in others)) is not True
+    return any(_too_costly(value) for value in distinct) or not _one_value(tuple(distinct))
+
+
+@functools.lru_cache(maxsize=256)
+def _one_value(texts: tuple[str, ...]) -> bool:
+    """Whether the grader finds every text equal to the first, within one GRADE_SECONDS budget.
+    Cached: a completion's boxes are compared when its commitment is checked and again when it
+    is graded, and the second look must not spend a second budget."""
+    first, *others = texts
+    return _bounded(lambda: all(_equivalent(first, value) for value in others)) is True
 
 
 def _final_expression(text: str) -> str:

@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from components.digest import file_sha256
 
@@ -237,12 +237,13 @@ _MD5 = re.compile("^[0-9a-f]{32}$")  # a single-part upload's ETag; a multipart 
 
 
 def fetch_objects(objects: list[dict], folder: Path) -> list[Path]:
-    """Download listed objects into ``folder`` (each under its relative name), each checked
-    against its listed size and, where the ETag is one, its MD5: what is read is what was keyed."""
+    """Download listed objects into ``folder``, each checked against its listed size and, where
+    the ETag is one, its MD5: what is read is what was keyed. Each is saved under its place in
+    the listing and its base name (its format is by suffix), never under a name the bucket
+    gives: a name holding ``..`` or a leading ``/`` would write outside ``folder``."""
     fs = Store.at(objects[0]["url"]).fs
-    paths = [folder / o["name"] for o in objects]
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{i:05d}-{PurePosixPath(o['name']).name}" for i, o in enumerate(objects)]
+    folder.mkdir(parents=True, exist_ok=True)
     fs.get([o["url"] for o in objects], [str(p) for p in paths])
     for o, path in zip(objects, paths, strict=True):
         with path.open("rb") as f:

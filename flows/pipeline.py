@@ -154,7 +154,8 @@ def r1_pipeline(config: str | None = None, overrides: list[str] | None = None, r
     with pipeline_run(config, overrides, root, tags={"reproduces": reproduces} if reproduces else {}) as ctx:
         done = {"data": restore_data(ctx, Path(restored), restored_key)} if restored else {}
         outputs = run_stages(ctx, selected(ctx.profile), force, done)
-        return {**summary(ctx), **finish(ctx, outputs)}
+        finished = finish(ctx, outputs)  # before the summary: its wall time includes registering
+        return {**summary(ctx), **finished}
 
 
 @flow(name="r1flow-stage", flow_run_name="{stage}", log_prints=True)

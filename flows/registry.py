@@ -55,7 +55,10 @@ def pinned_base(config: ModelConfig, what: str, profile: Profile, tracker: Track
         learnt = f"{config.path} is {version.ref}, trained on this data from it"
         parent = REGISTERED_REF.fullmatch(version.tags.get("parent_model", ""))
         if parent and parent["version"]:
-            return tracker.version(parent["name"], parent["version"]), f"{parent[0]} ({learnt})"
+            try:
+                return tracker.version(parent["name"], parent["version"]), f"{parent[0]} ({learnt})"
+            except NotFound:  # deleted since: as if it had been no registered base
+                pass
         if config.fallback is not None:
             return None, f"fallback ({learnt})"
     return version, f"{version.ref} ({config.path})"

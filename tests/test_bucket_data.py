@@ -12,7 +12,7 @@ import pytest
 from helpers import s3_prefix
 
 from components.config import ConfigError, load_profile
-from components.store import data_objects
+from components.store import data_objects, fetch_objects
 from flows.servers import BUCKET
 
 MICRO = str(Path(__file__).parents[1] / "configs" / "micro.yaml")
@@ -94,6 +94,10 @@ def test_each_bad_data_url_is_one_line_naming_it(bucket, tmp_path):
     assert not (tmp_path / ".r1flow" / "stages").exists()
     (one,) = data_objects(bucket.path("solo/train.jsonl"), "data.train_path")
     assert one["name"] == "train.jsonl" and one["size"] == 36 and len(one["etag"]) == 32
+    # A name the bucket gives never picks the local path: "../" or a leading "/" stays in the folder.
+    for name in ("../../escaped.jsonl", "/tmp/escaped.jsonl"):
+        (path,) = fetch_objects([{**one, "name": name}], tmp_path / "fetched")
+        assert path.parent == tmp_path / "fetched" and path.name == "00000-escaped.jsonl" and path.read_bytes()
     with pytest.raises(ConfigError, match="data: train_path: credentials in the URL would be recorded"):
         load_profile(MICRO, [*COUNTDOWN, f"data.train_path=s3://key:secret@{BUCKET}/x/", "data.test_path=s3://b/t"])
     from components import store
