@@ -152,10 +152,9 @@ def main() -> None:
     profile = load_profile(config, args.overrides)
     import torch
 
-    from components.modeling import use_bf16
+    from components.modeling import pick_device, use_bf16
 
-    device = "cuda" if profile.runtime.device == "cuda" or (profile.runtime.device == "auto" and
-                                                           torch.cuda.is_available()) else "cpu"
+    device = pick_device(profile.runtime.device)
     ran = "bf16" if use_bf16(device, profile.runtime.precision) else "fp32"
     cpu = f"{torch.backends.cpu.get_cpu_capability()} capability"
     print(f"precision: {ran} ({profile.runtime.precision} on {device}, {cpu})", flush=True)

@@ -76,9 +76,14 @@ def check_stage(name: str) -> str:
     return name
 
 
+def reads(step: Step) -> set[str]:
+    """The stages whose output ``step`` reads directly."""
+    return {split_ref(ref)[0] for ref in step.inputs.values()}
+
+
 def upstream(name: str) -> set[str]:
     """Every stage whose output ``name`` reads, directly or not."""
-    direct = {split_ref(ref)[0] for ref in recipe_step(name).inputs.values()}
+    direct = reads(recipe_step(name))
     return direct.union(*(upstream(d) for d in direct))
 
 
@@ -93,7 +98,7 @@ def critical_path(seconds: dict[str, float]) -> tuple[list[str], float]:
     (not run, or restored) add nothing."""
     longest: dict[str, tuple[float, list[str]]] = {}
     for step in RECIPE:  # recipe order: every stage after those it reads
-        before = max((longest[d] for d in sorted({split_ref(r)[0] for r in step.inputs.values()}) if d in longest),
+        before = max((longest[d] for d in sorted(reads(step)) if d in longest),
                      key=lambda chain: chain[0], default=(0.0, []))
         if step.name in seconds:
             longest[step.name] = (before[0] + seconds[step.name], [*before[1], step.name])
