@@ -56,14 +56,12 @@ class Context:
     parent_run: str | None
     source: dict  # the flow's own parameters (config, overrides, root), for stages sent elsewhere
     commit: dict = field(default_factory=dict)  # git commit of the code, read once per run
-    seconds: dict[str, float] = field(default_factory=dict)
     spans: dict[str, tuple[float, float]] = field(default_factory=dict)  # each stage's start and end
     started: float = field(default_factory=time.time)
 
     def took(self, name: str, started: float) -> None:
         """A stage ran (or was reused) from ``started`` until now."""
         self.spans[name] = (started, time.time())
-        self.seconds[name] = self.spans[name][1] - started
 
 
 # --- one stage ------------------------------------------------------------------------------
@@ -218,11 +216,12 @@ def pipeline_run(config: str | None, overrides: list[str] | None, root: str | No
 def summary(ctx: Context) -> dict:
     """The run's ids and times: each stage's seconds, its start and end (seconds from the run's
     start), the wall time, the stages' sum, and the critical path through the recipe graph."""
-    path, longest = critical_path(ctx.seconds)
+    seconds = {name: end - start for name, (start, end) in ctx.spans.items()}
+    path, longest = critical_path(seconds)
     return {"run_id": ctx.parent_run, "tracking_uri": ctx.tracker.uri, "flow_run_id": str(prefect_run.id),
-            "seconds": ctx.seconds, "timeline": {name: [round(start - ctx.started, 1), round(end - ctx.started, 1)]
+            "seconds": seconds, "timeline": {name: [round(start - ctx.started, 1), round(end - ctx.started, 1)]
                                                  for name, (start, end) in ctx.spans.items()},
-            "wall_seconds": time.time() - ctx.started, "stage_seconds": sum(ctx.seconds.values()),
+            "wall_seconds": time.time() - ctx.started, "stage_seconds": sum(seconds.values()),
             "critical_path": {"stages": path, "seconds": longest}}
 
 
