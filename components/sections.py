@@ -287,6 +287,10 @@ class RuntimeConfig(Section):
     machines: int = Field(1, gt=0, description="launcher accelerate: machines that one training stage spans (part "
                           "of its key). Each machine's environment gives only its place: R1FLOW_MACHINE_RANK, "
                           "R1FLOW_MAIN_PROCESS_IP, R1FLOW_MAIN_PROCESS_PORT")
+    max_parallel: int | None = Field(
+        None, gt=0, description="stages run at once on this machine once their inputs exist (a stage sent to "
+        "gpu_deployment waits on the pool's workers instead); none: 1, since a stage on a CPU or a GPU machine "
+        "takes every core or GPU it has. Not part of any key: the outputs are the same")
     processes_per_machine: int | None = Field(
         None, gt=0, description="launcher accelerate: training processes on each machine; none: one per GPU that "
         "the stage environment sees (one on CPU). The key holds this setting, not the count it resolves to, so a "

@@ -111,7 +111,8 @@ class ForkedStage:
 
 
 class ForkServer:
-    """One warm server per Python, environment and components source; one stage at a time."""
+    """A warm server for one Python, environment and components source; one stage at a time
+    (``flows.launch`` starts one per stage running at once)."""
 
     def __init__(self, python: str, env: dict, preload: list[str]):
         self.process = subprocess.Popen([python, "-m", "flows.forkserver", "--preload", ",".join(preload)],

@@ -14,7 +14,11 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -27,7 +31,13 @@ from flows.machines import accelerated, machines, main_address, on_cpu, processe
 
 PRELOAD = [f"components.{m}" for m in ("data", "base", "sft", "grpo", "rejection_sampling", "evaluate")]
 PROGRESS_EVERY = 30.0  # seconds between progress lines where stderr is no terminal (CI, worker logs)
-_FORK_SERVERS: dict[tuple, ForkServer] = {}
+# Set when the run is stopped (Ctrl-C, SIGTERM): the main thread gets the signal, and every stage
+# running in another thread stops its process at its next look.
+STOPPING = threading.Event()
+
+
+class Stopped(RuntimeError):
+    """The run was stopped while this stage ran; its process is gone, its checkpoints stay."""
 
 
 def run_process(name: str, module: str, folder: Path, profile: Profile, total_steps: int | None,
@@ -43,7 +53,7 @@ def run_process(name: str, module: str, folder: Path, profile: Profile, total_st
     process = start(module, spec, log, profile, env, python or stage_python(profile), warm=cpu)
     try:
         follow(process, name, folder / "metrics.jsonl", total_steps)
-    except BaseException:
+    except BaseException:  # Ctrl-C, SIGTERM, a stopped run
         process.kill()
         process.wait()
         raise
@@ -71,51 +81,104 @@ def start(module: str, spec: Path, log: Path, profile: Profile, env: dict, pytho
     else a plain process in ``python``."""
     own = profile.runtime.stage_python is None and python == sys.executable
     if warm and own and profile.runtime.launcher == "python":
-        server = _fork_server(env)
-        if server.busy.acquire(blocking=False):  # another stage is running on it: start a plain one
-            try:
-                return server.launch(f"components.{module}", spec, log, env)
-            except BaseException:
-                server.busy.release()
-                raise
+        server = _FORK_SERVERS.idle(env)
+        try:
+            return server.launch(f"components.{module}", spec, log, env)
+        except BaseException:
+            server.busy.release()
+            raise
     with log.open("w") as out:
         return subprocess.Popen(launch_command(module, spec, profile, python), stdout=out,
                                 stderr=subprocess.STDOUT, env=env)
 
 
-def _fork_server(env: dict) -> ForkServer:
-    """The fork server for this environment and this source of the components, started on first
-    use and replaced when either changed (an edited component is never run from a stale import)."""
-    source = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(COMPONENTS.glob("*.py")))
-    identity = (sys.executable, content_hash(env), source)
-    server = _FORK_SERVERS.get(identity)
-    if server is None or not server.alive():
-        for old in _FORK_SERVERS.values():
-            old.close()
-        _FORK_SERVERS.clear()
-        server = _FORK_SERVERS[identity] = ForkServer(sys.executable, env, PRELOAD)
-    return server
+class ForkServers:
+    """The warm servers of this environment and this source of the components: one per stage
+    running at once (a server runs one stage at a time), started on first use, all replaced when
+    either changed (an edited component is never run from a stale import)."""
+
+    def __init__(self):
+        self.servers: dict[tuple, list[ForkServer]] = {}
+        self.lock = threading.Lock()
+
+    def idle(self, env: dict) -> ForkServer:
+        """A server no stage is running on, its ``busy`` lock taken (released when the stage ends)."""
+        source = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(COMPONENTS.glob("*.py")))
+        identity = (sys.executable, content_hash(env), source)
+        with self.lock:
+            if identity not in self.servers:
+                for old in chain(*self.servers.values()):
+                    old.close()
+                self.servers = {identity: []}
+            alive = self.servers[identity] = [s for s in self.servers[identity] if s.alive()]
+            for server in alive:
+                if server.busy.acquire(blocking=False):
+                    return server
+        server = ForkServer(sys.executable, env, PRELOAD)  # seconds of imports: not under the lock
+        server.busy.acquire()
+        with self.lock:
+            self.servers.setdefault(identity, []).append(server)
+        return server
+
+
+_FORK_SERVERS = ForkServers()
 
 
 def follow(process, name: str, metrics: Path, total: int | None) -> None:
-    """While the stage runs: a progress bar in a terminal, fed by its metrics log; elsewhere a
-    line at most every ``PROGRESS_EVERY`` seconds, so a long stage is never minutes of silence."""
+    """While the stage runs: its bar in a terminal, fed by its metrics log; elsewhere a line at
+    most every ``PROGRESS_EVERY`` seconds, so a long stage is never minutes of silence. Raises
+    ``Stopped`` once the run is stopping."""
     terminal = sys.stderr.isatty()
-    columns = [TextColumn(f"[bold]{name}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-               TimeElapsedColumn()]
     started = said = read = time.time()
-    with Progress(*columns, transient=True, disable=not terminal) as progress:
-        bar = progress.add_task(name, total=total)
+    with _BARS.bar(name, total, shown=terminal) as show:
         while process.poll() is None:
-            time.sleep(0.2)  # a small stage takes a few seconds: poll often, read the log once a second
+            if STOPPING.wait(0.2):  # a small stage takes a few seconds: poll often, read the log once a second
+                raise Stopped(f"stage {name!r}: stopped (Ctrl-C or SIGTERM)")
             if time.time() - read < 1:
                 continue
             read = time.time()
             rows = read_metrics(metrics)
-            progress.update(bar, completed=rows[-1].get("step", 0) if rows else 0)
+            show(rows[-1].get("step", 0) if rows else 0)
             if not terminal and read - said >= PROGRESS_EVERY:
                 print(progress_line(name, rows, total, read - started), file=sys.stderr, flush=True)
                 said = read
+
+
+class Bars:
+    """One progress display for every stage running at once, a bar each: a terminal shows one
+    live display at a time."""
+
+    def __init__(self):
+        self.progress: Progress | None = None
+        self.shown = 0
+        self.lock = threading.Lock()
+
+    @contextmanager
+    def bar(self, name: str, total: int | None, shown: bool) -> Iterator:
+        if not shown:
+            yield lambda completed: None
+            return
+        with self.lock:
+            if self.progress is None:
+                self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                         TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn(),
+                                         transient=True)
+                self.progress.start()
+            self.shown += 1
+            task = self.progress.add_task(name, total=total)
+        progress = self.progress
+        try:
+            yield lambda completed: progress.update(task, completed=completed)
+        finally:
+            with self.lock:
+                progress.remove_task(task)
+                self.shown -= 1
+                if self.shown == 0:
+                    progress.stop()
+                    self.progress = None
+
+
+_BARS = Bars()
 
 
 def progress_line(name: str, rows: list[dict], total: int | None, seconds: float) -> str:

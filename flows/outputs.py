@@ -9,6 +9,7 @@ training curve and files; an evaluation always its per-sample records, which pro
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact
@@ -20,6 +21,9 @@ from flows.keys import StageOutput, code_version
 from flows.recipe import EVALUATED, RECIPE, Step
 
 FILES = ("result.json", "metrics.json", "samples.jsonl", "stage.log")
+# Great Expectations keeps its context in a process-wide project manager: stages running at once
+# validate one at a time.
+_GX = threading.Lock()
 
 
 def record(tracker: Tracker, out: StageOutput, step: Step) -> None:
@@ -48,7 +52,8 @@ def validate(tracker: Tracker, out: StageOutput, step: Step, workspace: Path, so
             continue  # validated already, an empty validation split (n_validation: 0) or no worked solutions
         from components.validate import validate_file  # Great Expectations: seconds to import
 
-        report = validate_file(dataset, suite, name=f"{source}/{file}" if out.name == "data" else suite)
+        with _GX:
+            report = validate_file(dataset, suite, name=f"{source}/{file}" if out.name == "data" else suite)
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
         tracker.log_artifact(out.run_id, path, "validation")

@@ -5,7 +5,8 @@
 
 Tasks only wire components: each stage runs as its own process over files (``flows.stages``),
 and what passes between tasks is ``StageOutput`` records (folders and content keys), never
-models. Each way of running reads on its own: ``run_stages`` (a whole run, ``--from``),
+models. Each way of running reads on its own: ``run_stages`` (a whole run, ``--from``: each
+stage as soon as the stages it reads have finished, independent branches at once),
 ``restore_data`` then ``run_stages`` (``r1flow rerun``), ``run_only`` (``--only``, the per-stage
 deployments) and ``remote_stage`` (a GPU stage sent to a worker, ``flows.remote``).
 """
@@ -22,8 +23,10 @@ from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.runtime import flow_run as prefect_run
 from prefect.states import Completed, State
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from components import versioning
 from components.config import Profile, content_hash, load_profile
@@ -32,18 +35,31 @@ from components.stage_io import split_ref
 from components.tracking import Tracker
 from flows import cache
 from flows.keys import Artifact, StageOutput, inputs_of, stage_key
+from flows.launch import STOPPING
 from flows.locks import exclusive
 from flows.machines import Machines, machines
 from flows.outputs import record, report, validate
-from flows.recipe import RECIPE, Step, check_stage, critical_path, downstream, recipe_step, section, selected
+from flows.recipe import (
+    RECIPE,
+    STAGES,
+    Step,
+    check_stage,
+    critical_path,
+    downstream,
+    reads,
+    recipe_step,
+    section,
+    selected,
+)
 from flows.registry import pin_bases, register
 from flows.remote import remote_stage, sent_to_gpu
-from flows.stages import cached_inputs, run_stage
+from flows.stages import StageFailed, cached_inputs, run_stage
 from flows.vllm_stages import check_vllm
 from flows.workspace import Place, locate
 
 TRAINING_STEPS = {"base": "pretrain_steps", "sft": "max_steps", "grpo": "max_steps"}
 PROJECT = Path(__file__).resolve().parents[1]
+STOP_SECONDS = 60.0  # for the stages still running to stop once the run is stopped (each looks every 0.2 s)
 
 
 @dataclass
@@ -99,20 +115,65 @@ def value(task_result: StageOutput | State) -> StageOutput:
 
 
 # --- the ways to run ------------------------------------------------------------------------
-def run_stages(ctx: Context, wanted: set[str], force: set[str], done: dict | None = None) -> dict[str, StageOutput]:
-    """Every wanted stage in recipe order (those in ``force`` even when cached), GPU stages sent to
-    their deployment when the profile names one; ``done``: outputs already in hand."""
-    outputs = dict(done or {})
-    for s in RECIPE:
-        if s.name in wanted and s.name not in outputs:
-            inputs, forced = inputs_of(s, outputs, ctx.profile), s.name in force
-            outputs[s.name] = remote_stage(ctx, s, inputs, forced) if sent_to_gpu(ctx, s, inputs, forced) else \
-                value(stage(ctx, s, inputs, forced))
-        if s.name == "data" and "cold_start" in wanted and outputs["data"].result.get("cold_start") == 0:
-            from components.data import no_traces  # R1-Zero needs no worked solutions; the cold start does
+@task(name="gpu-stage", task_run_name="{step.name}", cache_policy=NO_CACHE)
+def sent_stage(ctx: Context, step: Step, inputs: dict[str, Artifact], force: bool = False) -> StageOutput:
+    """A stage sent to the GPU pool's deployment (``flows.remote``), waited for in a thread of its own."""
+    return remote_stage(ctx, step, inputs, force)
 
-            raise ValueError(no_traces(ctx.profile.data))
-    return outputs
+
+def run_stages(ctx: Context, wanted: set[str], force: set[str], done: dict | None = None) -> dict[str, StageOutput]:
+    """Every wanted stage (those in ``force`` even when cached) as soon as the stages it reads have
+    finished: at most ``runtime.max_parallel`` at once here, in recipe order where more are ready; a
+    stage sent to the GPU pool waits on the pool's workers instead. A failed stage stops only what
+    reads it: the other branches run to their end, then the run fails naming every failed stage.
+    Ctrl-C or SIGTERM stops every stage running. ``done``: outputs already in hand."""
+    outputs, failed, sent = dict(done or {}), {}, {}
+    todo = [s for s in RECIPE if s.name in wanted and s.name not in outputs]
+    running: dict[PrefectFuture, Step] = {}
+    slots = ctx.profile.runtime.max_parallel or 1
+    STOPPING.clear()
+    try:
+        while True:
+            for s in [s for s in todo if reads(s) <= outputs.keys()]:
+                inputs, forced = inputs_of(s, outputs, ctx.profile), s.name in force
+                if s.name not in sent:
+                    sent[s.name] = sent_to_gpu(ctx, s, inputs, forced)
+                if not sent[s.name] and sum(not sent[r.name] for r in running.values()) >= slots:
+                    continue
+                running[(sent_stage if sent[s.name] else stage).submit(ctx, s, inputs, forced)] = s
+                todo.remove(s)
+            if not running:
+                break
+            finished = next(as_completed(list(running)))
+            s = running.pop(finished)
+            try:
+                outputs[s.name] = value(finished.result())
+            except Exception as error:  # noqa: BLE001  (reported with the others at the end)
+                failed[s.name] = error
+                continue
+            if s.name == "data" and "cold_start" in wanted and outputs["data"].result.get("cold_start") == 0:
+                from components.data import no_traces  # R1-Zero needs no worked solutions; the cold start does
+
+                raise ValueError(no_traces(ctx.profile.data))
+    except BaseException:  # Ctrl-C, SIGTERM or no traces: every stage still running stops, its run marked failed
+        STOPPING.set()
+        wait(list(running), timeout=STOP_SECONDS)
+        raise
+    if failed:
+        if todo:
+            print(f"not run, as they read a failed stage: {', '.join(s.name for s in todo)}")
+        raise failure(failed)
+    return {s.name: outputs[s.name] for s in RECIPE if s.name in outputs}  # the tables list them in recipe order
+
+
+def failure(failed: dict[str, Exception]) -> Exception:
+    """The error of a run whose stages failed: a single one's own (bad data stays a ValueError),
+    else one naming every failed stage and why."""
+    if len(failed) == 1:
+        return next(iter(failed.values()))
+    why = "; ".join(f"{name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+                    for name, error in failed.items())
+    return StageFailed(f"{len(failed)} stages failed ({', '.join(failed)}): {why}")
 
 
 @task(name="data-restore", cache_policy=NO_CACHE)
@@ -137,7 +198,8 @@ def run_only(ctx: Context, name: str, force: bool, run_id: str | None) -> StageO
 
 
 # --- flows ----------------------------------------------------------------------------------
-@flow(name="r1flow", log_prints=True)
+# A thread per stage that can run at once; how many do is ``run_stages``' limit.
+@flow(name="r1flow", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=len(STAGES)))
 def r1_pipeline(config: str | None = None, overrides: list[str] | None = None, root: str | None = None,
                 from_stage: str | None = None, restored: str | None = None, restored_key: str | None = None,
                 reproduces: str | None = None) -> dict:

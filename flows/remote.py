@@ -8,7 +8,8 @@ puts its output there, where this side fetches it. Without one, the workspace mu
 
 A training stage across ``runtime.machines`` machines is one flow run per machine, each with its
 rank and a rendezvous id in its job variables' ``env`` (the machines meet in the store:
-``flows.machines.main_address``); when one fails, the others are cancelled.
+``flows.machines.main_address``); when one fails, the others are cancelled. Stopping the pipeline
+run (Ctrl-C, SIGTERM) cancels the flow runs of every stage it sent.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from dataclasses import replace
 
 from flows import cache
 from flows.keys import Artifact, StageOutput, stage_key
+from flows.launch import STOPPING, Stopped
 from flows.machines import accelerated
 from flows.recipe import Step, section
 from flows.stages import StageFailed, cached_output, reuse
 
-POLL_SECONDS = 5.0  # between looks at the flow runs of a stage across machines
+POLL_SECONDS = 2.0  # between looks at a stage's flow runs
 
 
 def sent_to_gpu(ctx, step: Step, inputs: dict[str, Artifact], force: bool) -> bool:
@@ -41,7 +43,6 @@ def sent_to_gpu(ctx, step: Step, inputs: dict[str, Artifact], force: bool) -> bo
 def remote_stage(ctx, step: Step, inputs: dict[str, Artifact], force: bool) -> StageOutput:
     """Send a stage to the GPU work pool's deployment, logging into an MLflow run made here, wait
     for it, then read its keyed output (fetched from the store, or from the shared workspace)."""
-    from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
     started = time.time()
@@ -57,8 +58,7 @@ def remote_stage(ctx, step: Step, inputs: dict[str, Artifact], force: bool) -> S
         # a rank 0 that found one
         parameters = {**source, "stage": step.name, "run_id": run_id, "force": force or count > 1}
         try:
-            states = across_machines(deployment, step.name, parameters, count) if count > 1 else \
-                [run_deployment(deployment, timeout=None, flow_run_name=step.name, parameters=parameters).state]
+            states = launched(deployment, step.name, parameters, count)
         except ObjectNotFound:
             raise StageFailed(f"stage {step.name!r}: no Prefect deployment {deployment!r} on the server "
                               "(runtime.gpu_deployment); `r1flow deploy` registers infra/prefect.yaml") from None
@@ -72,26 +72,30 @@ def remote_stage(ctx, step: Step, inputs: dict[str, Artifact], force: bool) -> S
     return replace(cached_output(step, inputs, ctx.profile, ctx.place.workspace), cached=cached, run_id=run_id)
 
 
-def across_machines(deployment: str, name: str, parameters: dict, count: int) -> list:
-    """One flow run per machine, each told its rank and where to meet the others; waits for all
-    of them, and cancels the rest as soon as one fails (they would wait for it). Their states."""
+def launched(deployment: str, name: str, parameters: dict, count: int) -> list:
+    """The stage's flow runs, one per machine (each told its rank and where to meet the others
+    when it spans several), followed to their end; cancelled as soon as one fails (the others
+    would wait for it) or this run is stopped (Ctrl-C, SIGTERM: ``Stopped``). Their states."""
     from prefect import get_client
     from prefect.deployments import run_deployment
     from prefect.states import Cancelling
 
     rendezvous = uuid.uuid4().hex
+    variables = lambda rank: {"env": {"R1FLOW_MACHINE_RANK": str(rank), "R1FLOW_RENDEZVOUS": rendezvous}}
     runs = [run_deployment(deployment, timeout=0, flow_run_name=name, parameters=parameters,
-                           job_variables={"env": {"R1FLOW_MACHINE_RANK": str(rank), "R1FLOW_RENDEZVOUS": rendezvous}})
+                           **({"job_variables": variables(rank)} if count > 1 else {}))
             for rank in range(count)]
     with get_client(sync_client=True) as client:
         while True:  # as long as the stage trains: hours on a cluster
             states = [client.read_flow_run(run.id).state for run in runs]
-            if any(s.is_final() and not s.is_completed() for s in states):
+            if STOPPING.is_set() or any(s.is_final() and not s.is_completed() for s in states):
+                why = "the pipeline run was stopped" if STOPPING.is_set() else "another machine of the stage failed"
                 for run, state in zip(runs, states):
                     if not state.is_final():
-                        client.set_flow_run_state(run.id, Cancelling(message="another machine of the stage failed"),
-                                                  force=True)
+                        client.set_flow_run_state(run.id, Cancelling(message=why), force=True)
+                if STOPPING.is_set():
+                    raise Stopped(f"stage {name!r}: stopped (Ctrl-C or SIGTERM); its flow runs cancelled")
                 return states
             if all(s.is_completed() for s in states):
                 return states
-            time.sleep(POLL_SECONDS)
+            STOPPING.wait(POLL_SECONDS)

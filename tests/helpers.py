@@ -290,6 +290,23 @@ def check_runs(summary: dict) -> None:
         assert heldout[0] == 0 and heldout[-1] == children[grpo].data.metrics["steps"]
 
 
+def check_schedule(summary: dict, at_most: int) -> set[tuple[str, str]]:
+    """The run's timeline keeps the recipe's graph: no stage started before every stage it reads
+    had ended, and at most ``at_most`` ran at once. Returns the pairs of stages that overlapped."""
+    from flows.recipe import RECIPE, reads
+
+    spans = summary["timeline"]
+    for step in RECIPE:
+        for before in reads(step) & spans.keys() if step.name in spans else ():
+            assert spans[before][1] <= spans[step.name][0] + 0.1, f"{step.name} started before {before} ended"
+    # rounded to 0.1 s: a stage that starts as another ends does not count as running beside it
+    overlapped = {(a, b) for a in spans for b in spans if a < b and
+                  max(spans[a][0], spans[b][0]) + 0.1 < min(spans[a][1], spans[b][1])}
+    starts = sorted(start for start, _ in spans.values())
+    assert max(sum(s <= t + 0.05 and t + 0.05 < e for s, e in spans.values()) for t in starts) <= at_most, spans
+    return overlapped
+
+
 def check_report(summary: dict) -> None:
     from mlflow.tracking import MlflowClient
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Hosts, check_registry, check_report, check_runs, drop_database, postgres_database
+from helpers import Hosts, check_registry, check_report, check_runs, check_schedule, drop_database, postgres_database
 
 from components.config import load_profile
 from components.store import Store
@@ -78,7 +78,7 @@ def cluster(tmp_path_factory):
                              hosts.root("cpu") / "r1flow-cpu", timeout=300)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         cluster = {"hosts": hosts, "stack": stack, "env": env, "keys": keys, "folder": folder, "servers": servers}
-        cluster["worker"] = start_worker(cluster, "gpu")
+        cluster["worker"] = start_worker(cluster, "gpu", "--limit", "1")  # a GPU machine: one stage at a time
         yield cluster
     finally:
         test_env.undo()
@@ -142,14 +142,16 @@ def bucket(cluster: dict) -> Store:
 @pytest.fixture(scope="module")
 def pipeline(cluster):
     """The cpu stages on the cpu host, its local outputs deleted, then the whole pipeline from the
-    cpu host with the training stages sent to the gpu pool."""
+    cpu host (two stages at once there) with the training stages sent to the gpu pool, where a
+    second machine's worker has joined."""
     hosts = cluster["hosts"]
     sets = lambda *more: [arg for o in overrides(cluster, *more) for arg in ("--set", o)]
     first = r1flow(cluster, "cpu", sets("stages=[eval_base,eval_student_base]"))
     assert not any(first["stages"].values())
     shutil.rmtree(hosts.root("cpu") / "root" / ".r1flow" / "stages")
+    start_worker(cluster, "gpu2", "--limit", "1")
     summary = r1flow(cluster, "cpu", sets("runtime.gpu_deployment=r1flow-stage/{stage}",
-                                          "runtime.gpu_components=[grpo]"))
+                                          "runtime.gpu_components=[grpo]", "runtime.max_parallel=2"))
     return summary
 
 
@@ -166,14 +168,26 @@ def test_the_gpu_worker_trains_from_inputs_it_downloaded(cluster, pipeline):
     with temporary_settings({PREFECT_API_URL: cluster["stack"].prefect_api}), get_client(sync_client=True) as client:
         runs = {r.name: r for r in client.read_flow_runs() if r.name in TRAINED}
     assert set(runs) == set(TRAINED)
-    assert all(r.state.is_completed() and r.labels["prefect.worker.name"] == "gpu-worker" for r in runs.values())
+    workers = {name: r.labels["prefect.worker.name"] for name, r in runs.items()}
+    assert all(r.state.is_completed() for r in runs.values()) and set(workers.values()) <= {"gpu-worker", "gpu2-worker"}
+    # R1-Zero and R1's RL (different branches) Running at once, on the two machines' workers
+    zero, rl = runs["r1_zero"], runs["r1_rl"]
+    print(f"r1_zero on {workers['r1_zero']} {zero.start_time:%H:%M:%S}-{zero.end_time:%H:%M:%S}, r1_rl on "
+          f"{workers['r1_rl']} {rl.start_time:%H:%M:%S}-{rl.end_time:%H:%M:%S}")
+    assert max(zero.start_time, rl.start_time) < min(zero.end_time, rl.end_time)
+    assert workers["r1_zero"] != workers["r1_rl"]
+    check_schedule(summary, at_most=2 + len(TRAINED))  # two here, the rest on the pool
+    stages_wall = max(end for _, end in summary["timeline"].values())  # from the run's start to its last stage's end
+    print(f"stages' wall {stages_wall:.0f} s, critical path {summary['critical_path']['seconds']:.0f} s, "
+          f"run's wall {summary['wall_seconds']:.0f} s (registration after the stages included)")
+    assert stages_wall <= 1.15 * summary["critical_path"]["seconds"]
     keys = planned_keys(load_profile(ROOT / "configs/micro.yaml", overrides(cluster)))
-    gpu = hosts.root("gpu") / "root" / ".r1flow" / "stages"
-    log = (hosts.root("gpu") / "worker.log").read_text()
-    for stage in ("data", "base"):  # its inputs: downloaded, checked against their manifests
+    log = "".join((hosts.root(name) / "worker.log").read_text() for name in ("gpu", "gpu2"))
+    for stage in ("data", "base", "cold_start"):  # their inputs: downloaded, checked against their manifests
         assert f"{stage}: fetched from {STORE}/stages/{stage}/{keys[stage]}" in log
-    for stage in TRAINED:  # outputs: trained there, then uploaded
-        assert (gpu / stage / keys[stage] / "result.json").exists()
+    for stage in TRAINED:  # outputs: trained on the worker's machine, then uploaded
+        machine = workers[stage].removesuffix("-worker")
+        assert (hosts.root(machine) / "root" / ".r1flow" / "stages" / stage / keys[stage] / "result.json").exists()
         assert f"{stage}: fetched from" not in log
         assert bucket(cluster).manifest(f"stages/{stage}/{keys[stage]}") is not None
 
@@ -201,6 +215,8 @@ def test_grpo_killed_on_one_host_resumes_on_another_from_the_store(cluster, pipe
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     hosts, store = cluster["hosts"], bucket(cluster)
+    hosts.kill("gpu2")  # one machine in the pool: the gpu host takes the run
+    shutil.rmtree(hosts.root("gpu2") / "root" / ".r1flow", ignore_errors=True)
     longer = overrides(cluster, "grpo.max_steps=40", "grpo.save_steps=4")
     key = planned_keys(load_profile(ROOT / "configs/micro.yaml", longer))["r1_zero"]
     parameters = {"config": "configs/micro.yaml", "overrides": longer, "force": True}

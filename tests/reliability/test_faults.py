@@ -108,31 +108,70 @@ def test_unreachable_mlflow_fails_in_seconds_naming_the_uri_before_any_training(
     assert not (tmp_path / ".r1flow" / "stages").exists()
 
 
-def test_sigterm_stops_the_stage_fails_its_mlflow_run_keeps_the_checkpoint_and_the_next_run_resumes(tmp_path):
-    """SIGTERM to `r1flow run` (what a Prefect cancellation sends) mid-GRPO: the stage process is gone,
-    its MLflow run and the pipeline run are FAILED, its checkpoint stays, and the same command then
-    resumes from that checkpoint and finishes."""
-    args = ["--set", "grpo.max_steps=12", "--set", "grpo.save_steps=3", "--set", "stages=[r1_zero]"]
-    stages = tmp_path / ".r1flow" / "stages"
+def test_sigterm_stops_both_branches_fails_their_mlflow_runs_keeps_the_checkpoints_and_the_next_run_resumes(tmp_path):
+    """SIGTERM to `r1flow run` (what a Prefect cancellation sends) while R1-Zero and R1's RL train at
+    once: both stage processes are gone, their MLflow runs and the pipeline run are FAILED, their
+    checkpoints stay, and the same command then resumes both from them and finishes."""
+    args = ["--set", "grpo.max_steps=12", "--set", "grpo.save_steps=3", "--set", "stages=[r1_zero,r1_rl]",
+            "--set", "runtime.max_parallel=2"]
+    stages, both = tmp_path / ".r1flow" / "stages", ("r1_zero", "r1_rl")
     first = r1flow(tmp_path, *args)
-    wait_until(lambda: list(stages.glob("r1_zero/.checkpoints-*/checkpoint-*")), 600, "a GRPO checkpoint", first)
+    wait_until(lambda: all(list(stages.glob(f"{name}/.checkpoints-*/checkpoint-*")) for name in both), 600,
+               "a GRPO checkpoint of both stages", first)
     os.kill(first.pid, signal.SIGTERM)
     finish(first, timeout=60)
-    checkpoint = latest_checkpoint(next(stages.glob("r1_zero/.checkpoints-*")))
-    assert checkpoint is not None
-    assert not list(stages.glob("r1_zero/.tmp-*")) and not list(stages.glob("r1_zero/[!.]*"))
+    checkpoints = {name: latest_checkpoint(next(stages.glob(f"{name}/.checkpoints-*"))) for name in both}
+    assert all(checkpoints.values()), checkpoints
+    for name in both:
+        assert not list(stages.glob(f"{name}/.tmp-*")) and not list(stages.glob(f"{name}/[!.]*"))
     assert stage_processes(tmp_path) == []
     client, experiment = mlflow(tmp_path)
-    grpo = client.search_runs([experiment], "attributes.run_name = 'r1_zero'")
-    assert [r.info.status for r in grpo] == ["FAILED"]
+    for name in both:
+        assert [r.info.status for r in client.search_runs([experiment], f"attributes.run_name = '{name}'")] == \
+            ["FAILED"]
     parents = [r for r in client.search_runs([experiment]) if "mlflow.parentRunId" not in r.data.tags]
     assert [r.info.status for r in parents] == ["FAILED"]
 
     again = r1flow(tmp_path, *args)
     out = finish(again)
     assert again.returncode == 0, out[-3000:]
-    finished = client.search_runs([experiment], "attributes.run_name = 'r1_zero' and attributes.status = 'FINISHED'")
-    assert finished[0].data.metrics["resumed_from_step"] >= int(checkpoint.name.split("-")[1])
+    for name in both:
+        finished = client.search_runs([experiment], f"attributes.run_name = '{name}' and "
+                                                    "attributes.status = 'FINISHED'")
+        assert finished[0].data.metrics["resumed_from_step"] >= int(checkpoints[name].name.split("-")[1])
+
+
+def running_stage(root: Path, name: str) -> int | None:
+    """The process of stage ``name`` in this workspace, by the log it writes to, if one runs."""
+    for pid in stage_processes(root):
+        with contextlib.suppress(OSError):
+            if f"/stages/{name}/.tmp-" in os.readlink(f"/proc/{pid}/fd/1"):
+                return pid
+    return None
+
+
+def test_a_stage_killed_on_one_branch_fails_the_run_naming_it_while_the_other_branch_finishes(tmp_path):
+    """R1-Zero's process killed from outside (the OOM killer's SIGKILL) while the student's base
+    pretrains beside it: the student's branch runs to its end, the run exits 1 naming r1_zero, and
+    the same command then trains r1_zero alone, reusing the rest."""
+    args = ["--set", "grpo.max_steps=12", "--set", "student.pretrain_steps=400", "--set", "runtime.max_parallel=2",
+            "--set", "stages=[r1_zero,student_base]", "--summary-json", str(tmp_path / "summary.json")]
+    first = r1flow(tmp_path, *args)
+    wait_until(lambda: running_stage(tmp_path, "r1_zero"), 600, "R1-Zero's process", first)
+    os.kill(running_stage(tmp_path, "r1_zero"), signal.SIGKILL)
+    out = finish(first, timeout=600)
+    assert first.returncode == 1 and "pipeline failed: stage 'r1_zero' failed (exit -9)" in out, out[-3000:]
+    client, experiment = mlflow(tmp_path)
+    runs = {r.info.run_name: r.info for r in client.search_runs([experiment]) if "mlflow.parentRunId" in r.data.tags}
+    assert runs["r1_zero"].status == "FAILED" and runs["student_base"].status == "FINISHED"
+    assert runs["student_base"].end_time > runs["r1_zero"].end_time  # it went on after the failure
+    assert stage_processes(tmp_path) == []
+
+    again = r1flow(tmp_path, *args)
+    out = finish(again)
+    assert again.returncode == 0, out[-3000:]
+    ran = json.loads((tmp_path / "summary.json").read_text())["stages"]
+    assert {name for name, cached in ran.items() if not cached} == {"r1_zero"}, ran
 
 
 SAVER = """
