@@ -131,7 +131,6 @@ def run_stages(ctx: Context, wanted: set[str], force: set[str], done: dict | Non
     todo = [s for s in RECIPE if s.name in wanted and s.name not in outputs]
     running: dict[PrefectFuture, Step] = {}
     slots = ctx.profile.runtime.max_parallel or 1
-    STOPPING.clear()
     try:
         while True:
             for s in [s for s in todo if reads(s) <= outputs.keys()]:
@@ -268,6 +267,7 @@ def pipeline_run(config: str | None, overrides: list[str] | None, root: str | No
         tracker.log_dict(parent, profile.model_dump(mode="json"), "profile.json")  # what `r1flow rerun` reads
     source = {"config": config, "overrides": list(overrides or []), "root": str(place.root)}
     ctx = Context(profile, place, tracker, parent, source, commit)
+    STOPPING.clear()  # an earlier run in this process may have been stopped
     if parent is None:
         yield ctx
         return

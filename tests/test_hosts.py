@@ -182,13 +182,13 @@ def test_the_gpu_worker_trains_from_inputs_it_downloaded(cluster, pipeline):
           f"run's wall {summary['wall_seconds']:.0f} s (registration after the stages included)")
     assert stages_wall <= 1.15 * summary["critical_path"]["seconds"]
     keys = planned_keys(load_profile(ROOT / "configs/micro.yaml", overrides(cluster)))
-    log = "".join((hosts.root(name) / "worker.log").read_text() for name in ("gpu", "gpu2"))
+    logs = {name: (hosts.root(name) / "worker.log").read_text() for name in ("gpu", "gpu2")}
     for stage in ("data", "base", "cold_start"):  # their inputs: downloaded, checked against their manifests
-        assert f"{stage}: fetched from {STORE}/stages/{stage}/{keys[stage]}" in log
-    for stage in TRAINED:  # outputs: trained on the worker's machine, then uploaded
+        assert f"{stage}: fetched from {STORE}/stages/{stage}/{keys[stage]}" in "".join(logs.values())
+    for stage in TRAINED:  # outputs: trained on the worker's machine (not fetched there), then uploaded
         machine = workers[stage].removesuffix("-worker")
         assert (hosts.root(machine) / "root" / ".r1flow" / "stages" / stage / keys[stage] / "result.json").exists()
-        assert f"{stage}: fetched from" not in log
+        assert f"{stage}: fetched from" not in logs[machine]
         assert bucket(cluster).manifest(f"stages/{stage}/{keys[stage]}") is not None
 
 

@@ -112,7 +112,7 @@ def test_sigterm_stops_both_branches_fails_their_mlflow_runs_keeps_the_checkpoin
     """SIGTERM to `r1flow run` (what a Prefect cancellation sends) while R1-Zero and R1's RL train at
     once: both stage processes are gone, their MLflow runs and the pipeline run are FAILED, their
     checkpoints stay, and the same command then resumes both from them and finishes."""
-    args = ["--set", "grpo.max_steps=12", "--set", "grpo.save_steps=3", "--set", "stages=[r1_zero,r1_rl]",
+    args = ["--set", "grpo.max_steps=60", "--set", "grpo.save_steps=3", "--set", "stages=[r1_zero,r1_rl]",
             "--set", "runtime.max_parallel=2"]
     stages, both = tmp_path / ".r1flow" / "stages", ("r1_zero", "r1_rl")
     first = r1flow(tmp_path, *args)
