@@ -3,8 +3,9 @@
 Each host is a network namespace made here (``helpers.Hosts``) with its own copy of the repository,
 at its own path, and its own workspace. They share only SeaweedFS (the S3 stage store), the MLflow
 server (PostgreSQL, artifacts in the bucket) and the Prefect server, all started by
-``flows.servers`` on the test's bridge address. The cpu host orchestrates; the gpu host's worker
-takes the training stages, with code pulled from the bucket.
+``flows.servers`` on the test's bridge address. The cpu host orchestrates; the workers of the gpu
+and gpu2 hosts (one stage at a time each, as a GPU machine) take the training stages, with code
+pulled from the bucket, two at once where the recipe's branches allow.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
 STORE = "s3://r1flow/store"
-# The GRPO stages, sent to the gpu pool (each flow run there costs ~20 s here).
-TRAINED = ("r1_zero", "r1_rl", "r1_final")
+# The training stages (SFT and GRPO), sent to the gpu pool (a flow run there costs ~7 s here).
+TRAINED = ("cold_start", "r1_zero", "r1_rl", "r1_sft", "r1_final", "student", "student_no_traces")
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def pipeline(cluster):
     shutil.rmtree(hosts.root("cpu") / "root" / ".r1flow" / "stages")
     start_worker(cluster, "gpu2", "--limit", "1")
     summary = r1flow(cluster, "cpu", sets("runtime.gpu_deployment=r1flow-stage/{stage}",
-                                          "runtime.gpu_components=[grpo]", "runtime.max_parallel=2"))
+                                          "runtime.gpu_components=[grpo,sft]", "runtime.max_parallel=2"))
     return summary
 
 
@@ -170,20 +171,21 @@ def test_the_gpu_worker_trains_from_inputs_it_downloaded(cluster, pipeline):
     assert set(runs) == set(TRAINED)
     workers = {name: r.labels["prefect.worker.name"] for name, r in runs.items()}
     assert all(r.state.is_completed() for r in runs.values()) and set(workers.values()) <= {"gpu-worker", "gpu2-worker"}
-    # R1-Zero and R1's RL (different branches) Running at once, on the two machines' workers
-    zero, rl = runs["r1_zero"], runs["r1_rl"]
-    print(f"r1_zero on {workers['r1_zero']} {zero.start_time:%H:%M:%S}-{zero.end_time:%H:%M:%S}, r1_rl on "
-          f"{workers['r1_rl']} {rl.start_time:%H:%M:%S}-{rl.end_time:%H:%M:%S}")
-    assert max(zero.start_time, rl.start_time) < min(zero.end_time, rl.end_time)
-    assert workers["r1_zero"] != workers["r1_rl"]
-    check_schedule(summary, at_most=2 + len(TRAINED))  # two here, the rest on the pool
+    # R1-Zero and R1's cold start (different branches, both ready once the base is) Running at once,
+    # on the two machines' workers
+    zero, cold = runs["r1_zero"], runs["cold_start"]
+    print(f"r1_zero on {workers['r1_zero']} {zero.start_time:%H:%M:%S}-{zero.end_time:%H:%M:%S}, cold_start on "
+          f"{workers['cold_start']} {cold.start_time:%H:%M:%S}-{cold.end_time:%H:%M:%S}")
+    assert max(zero.start_time, cold.start_time) < min(zero.end_time, cold.end_time)
+    assert workers["r1_zero"] != workers["cold_start"]
+    check_schedule(summary, at_most=2 + len(TRAINED))  # two here; the pool's, queued ones included
     stages_wall = max(end for _, end in summary["timeline"].values())  # from the run's start to its last stage's end
     print(f"stages' wall {stages_wall:.0f} s, critical path {summary['critical_path']['seconds']:.0f} s, "
           f"run's wall {summary['wall_seconds']:.0f} s (registration after the stages included)")
     assert stages_wall <= 1.15 * summary["critical_path"]["seconds"]
     keys = planned_keys(load_profile(ROOT / "configs/micro.yaml", overrides(cluster)))
     logs = {name: (hosts.root(name) / "worker.log").read_text() for name in ("gpu", "gpu2")}
-    for stage in ("data", "base", "cold_start"):  # their inputs: downloaded, checked against their manifests
+    for stage in ("data", "base", "rejection_sampling"):  # inputs made here: downloaded, checked against manifests
         assert f"{stage}: fetched from {STORE}/stages/{stage}/{keys[stage]}" in "".join(logs.values())
     for stage in TRAINED:  # outputs: trained on the worker's machine (not fetched there), then uploaded
         machine = workers[stage].removesuffix("-worker")
@@ -260,8 +262,9 @@ def test_a_training_stage_sent_to_two_machines_is_trained_by_both_and_evaluated(
         hosts.kill(name)
         start_worker(cluster, name, "--limit", "1", env={"GLOO_SOCKET_IFNAME": hosts.interface(name),
                                                           "OMP_NUM_THREADS": "1"})
-    two = overrides(cluster, "runtime.gpu_deployment=r1flow-stage/{stage}", "runtime.gpu_components=[grpo]",
-                    "runtime.launcher=accelerate", "runtime.accelerate_config=configs/accelerate/zero2.yaml",
+    two = overrides(cluster, "runtime.gpu_deployment=r1flow-stage/{stage}",
+                    "runtime.gpu_components=[grpo]", "runtime.launcher=accelerate",
+                    "runtime.accelerate_config=configs/accelerate/zero2.yaml",
                     "runtime.machines=2", "stages=[eval_r1_zero]")
     summary = r1flow(cluster, "cpu", [arg for o in two for arg in ("--set", o)])
     assert summary["stages"]["r1_zero"] is False and "r1_zero" in summary["metrics"]
