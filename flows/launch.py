@@ -47,7 +47,7 @@ def run_process(name: str, module: str, folder: Path, profile: Profile, total_st
     exit code. Ctrl-C or a cancelled flow stops it first."""
     cpu = on_cpu(profile)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-           **({"DS_ACCELERATOR": "cpu"} if cpu else {})}
+           **({"DS_ACCELERATOR": "cpu", **core_share(profile)} if cpu else {})}
     spec, log = folder / "spec.json", folder / "stage.log"
     log.touch()
     process = start(module, spec, log, profile, env, python or stage_python(profile), warm=cpu)
@@ -58,6 +58,17 @@ def run_process(name: str, module: str, folder: Path, profile: Profile, total_st
         process.wait()
         raise
     return process.returncode
+
+
+def core_share(profile: Profile) -> dict:
+    """Stages at once on a CPU split its cores: each gets its share as its thread count. Two stages
+    that each use every core oversubscribe them (two pretrainings at once on 2 cores: 6-8x slower
+    per step, each thread waiting at every barrier for one that is descheduled). A thread count
+    set in the environment stays."""
+    slots = profile.runtime.max_parallel or 1
+    if slots == 1 or "OMP_NUM_THREADS" in os.environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // slots))}
 
 
 def launch_command(module: str, spec: Path, profile: Profile, python: str | None = None) -> list[str]:

@@ -39,18 +39,7 @@ from flows.launch import STOPPING
 from flows.locks import exclusive
 from flows.machines import Machines, machines
 from flows.outputs import record, report, validate
-from flows.recipe import (
-    RECIPE,
-    STAGES,
-    Step,
-    check_stage,
-    critical_path,
-    downstream,
-    reads,
-    recipe_step,
-    section,
-    selected,
-)
+from flows.recipe import RECIPE, Step, check_stage, critical_path, downstream, reads, recipe_step, section, selected
 from flows.registry import pin_bases, register
 from flows.remote import remote_stage, sent_to_gpu
 from flows.stages import StageFailed, cached_inputs, run_stage
@@ -116,7 +105,7 @@ def value(task_result: StageOutput | State) -> StageOutput:
 
 # --- the ways to run ------------------------------------------------------------------------
 @task(name="gpu-stage", task_run_name="{step.name}", cache_policy=NO_CACHE)
-def sent_stage(ctx: Context, step: Step, inputs: dict[str, Artifact], force: bool = False) -> StageOutput:
+def pool_stage(ctx: Context, step: Step, inputs: dict[str, Artifact], force: bool = False) -> StageOutput:
     """A stage sent to the GPU pool's deployment (``flows.remote``), waited for in a thread of its own."""
     return remote_stage(ctx, step, inputs, force)
 
@@ -127,7 +116,7 @@ def run_stages(ctx: Context, wanted: set[str], force: set[str], done: dict | Non
     stage sent to the GPU pool waits on the pool's workers instead. A failed stage stops only what
     reads it: the other branches run to their end, then the run fails naming every failed stage.
     Ctrl-C or SIGTERM stops every stage running. ``done``: outputs already in hand."""
-    outputs, failed, sent = dict(done or {}), {}, {}
+    outputs, failed, to_pool = dict(done or {}), {}, {}
     todo = [s for s in RECIPE if s.name in wanted and s.name not in outputs]
     running: dict[PrefectFuture, Step] = {}
     slots = ctx.profile.runtime.max_parallel or 1
@@ -135,12 +124,11 @@ def run_stages(ctx: Context, wanted: set[str], force: set[str], done: dict | Non
         while True:
             for s in [s for s in todo if reads(s) <= outputs.keys()]:
                 inputs, forced = inputs_of(s, outputs, ctx.profile), s.name in force
-                if s.name not in sent:
-                    sent[s.name] = sent_to_gpu(ctx, s, inputs, forced)
-                if not sent[s.name] and sum(not sent[r.name] for r in running.values()) >= slots:
-                    continue
-                running[(sent_stage if sent[s.name] else stage).submit(ctx, s, inputs, forced)] = s
-                todo.remove(s)
+                if s.name not in to_pool:  # asked once: for a stage across machines it looks in the store
+                    to_pool[s.name] = sent_to_gpu(ctx, s, inputs, forced)
+                if to_pool[s.name] or sum(not to_pool[r.name] for r in running.values()) < slots:
+                    running[(pool_stage if to_pool[s.name] else stage).submit(ctx, s, inputs, forced)] = s
+                    todo.remove(s)
             if not running:
                 break
             finished = next(as_completed(list(running)))
@@ -198,7 +186,7 @@ def run_only(ctx: Context, name: str, force: bool, run_id: str | None) -> StageO
 
 # --- flows ----------------------------------------------------------------------------------
 # A thread per stage that can run at once; how many do is ``run_stages``' limit.
-@flow(name="r1flow", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=len(STAGES)))
+@flow(name="r1flow", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=len(RECIPE)))
 def r1_pipeline(config: str | None = None, overrides: list[str] | None = None, root: str | None = None,
                 from_stage: str | None = None, restored: str | None = None, restored_key: str | None = None,
                 reproduces: str | None = None) -> dict:

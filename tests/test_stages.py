@@ -58,3 +58,16 @@ def test_a_stage_outside_a_terminal_prints_progress_lines(tmp_path, monkeypatch,
     assert lines and all(re.fullmatch(r"base: step \d+/400, \dm\d\ds(, loss [\d.e+-]+)?", line) for line in lines)
     assert any(", loss " in line for line in lines)
     assert launch.progress_line("eval_base", [], None, 185) == "eval_base: running, 3m05s"  # no steps to count
+
+
+def test_stages_at_once_on_a_cpu_split_its_cores(monkeypatch):
+    """Each of N stages at once gets 1/N of the cores as its thread count (each using every core,
+    two pretrainings on 2 cores ran 6-8x slower per step); one stage at a time, or a thread count
+    the user set, is left alone."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: set(range(8)))
+    share = lambda n: launch.core_share(load_profile(None, [f"runtime.max_parallel={n}"]))
+    assert share(1) == {} and share(2) == {"OMP_NUM_THREADS": "4"} and share(3) == {"OMP_NUM_THREADS": "2"}
+    assert share(16) == {"OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert share(2) == {}
