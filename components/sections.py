@@ -289,8 +289,8 @@ class RuntimeConfig(Section):
                           "R1FLOW_MAIN_PROCESS_IP, R1FLOW_MAIN_PROCESS_PORT")
     max_parallel: int | None = Field(
         None, gt=0, description="stages run at once on this machine once their inputs exist (a stage sent to "
-        "gpu_deployment waits on the pool's workers instead); none: 1, since a stage on a CPU or a GPU machine "
-        "takes every core or GPU it has. Not part of any key: the outputs are the same")
+        "gpu_deployment waits on the pool's workers instead); on a CPU each gets its share of the cores as its "
+        "threads. none: 1, since a stage alone takes every core or GPU. Not part of any key")
     processes_per_machine: int | None = Field(
         None, gt=0, description="launcher accelerate: training processes on each machine; none: one per GPU that "
         "the stage environment sees (one on CPU). The key holds this setting, not the count it resolves to, so a "

@@ -62,7 +62,7 @@ def run_process(name: str, module: str, folder: Path, profile: Profile, total_st
 
 def core_share(profile: Profile) -> dict:
     """Stages at once on a CPU split its cores: each gets its share as its thread count. Two stages
-    that each use every core oversubscribe them (two pretrainings at once on 2 cores: 6-8x slower
+    that each use every core oversubscribe them (two pretrainings at once on 2 cores: 8-9x slower
     per step, each thread waiting at every barrier for one that is descheduled). A thread count
     set in the environment stays."""
     slots = profile.runtime.max_parallel or 1

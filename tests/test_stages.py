@@ -62,7 +62,7 @@ def test_a_stage_outside_a_terminal_prints_progress_lines(tmp_path, monkeypatch,
 
 def test_stages_at_once_on_a_cpu_split_its_cores(monkeypatch):
     """Each of N stages at once gets 1/N of the cores as its thread count (each using every core,
-    two pretrainings on 2 cores ran 6-8x slower per step); one stage at a time, or a thread count
+    two pretrainings on 2 cores ran 8-9x slower per step); one stage at a time, or a thread count
     the user set, is left alone."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: set(range(8)))
