@@ -152,15 +152,17 @@ def running_stage(root: Path, name: str) -> int | None:
 
 def test_a_stage_killed_on_one_branch_fails_the_run_naming_it_while_the_other_branch_finishes(tmp_path):
     """R1-Zero's process killed from outside (the OOM killer's SIGKILL) while the student's base
-    pretrains beside it: the student's branch runs to its end, the run exits 1 naming r1_zero, and
-    the same command then trains r1_zero alone, reusing the rest."""
+    pretrains beside it: the student's branch runs to its end, R1-Zero's evaluation does not run,
+    the run exits 1 naming r1_zero, and the same command then trains R1-Zero and evaluates it,
+    reusing the rest."""
     args = ["--set", "grpo.max_steps=12", "--set", "student.pretrain_steps=400", "--set", "runtime.max_parallel=2",
-            "--set", "stages=[r1_zero,student_base]", "--summary-json", str(tmp_path / "summary.json")]
+            "--set", "stages=[eval_r1_zero,student_base]", "--summary-json", str(tmp_path / "summary.json")]
     first = r1flow(tmp_path, *args)
     wait_until(lambda: running_stage(tmp_path, "r1_zero"), 600, "R1-Zero's process", first)
     os.kill(running_stage(tmp_path, "r1_zero"), signal.SIGKILL)
     out = finish(first, timeout=600)
     assert first.returncode == 1 and "pipeline failed: stage 'r1_zero' failed (exit -9)" in out, out[-3000:]
+    assert "not run, as they read a failed stage: eval_r1_zero" in out
     client, experiment = mlflow(tmp_path)
     runs = {r.info.run_name: r.info for r in client.search_runs([experiment]) if "mlflow.parentRunId" in r.data.tags}
     assert runs["r1_zero"].status == "FAILED" and runs["student_base"].status == "FINISHED"
@@ -171,7 +173,7 @@ def test_a_stage_killed_on_one_branch_fails_the_run_naming_it_while_the_other_br
     out = finish(again)
     assert again.returncode == 0, out[-3000:]
     ran = json.loads((tmp_path / "summary.json").read_text())["stages"]
-    assert {name for name, cached in ran.items() if not cached} == {"r1_zero"}, ran
+    assert {name for name, cached in ran.items() if not cached} == {"r1_zero", "eval_r1_zero"}, ran
 
 
 SAVER = """
