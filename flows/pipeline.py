@@ -115,7 +115,8 @@ def run_stages(ctx: Context, wanted: set[str], force: set[str], done: dict | Non
     finished: at most ``runtime.max_parallel`` at once here, in recipe order where more are ready; a
     stage sent to the GPU pool waits on the pool's workers instead. A failed stage stops only what
     reads it: the other branches run to their end, then the run fails naming every failed stage.
-    Ctrl-C or SIGTERM stops every stage running. ``done``: outputs already in hand."""
+    Bad data (the data stage failed, or no worked solutions for a cold start), Ctrl-C or SIGTERM
+    stop every stage running at once. ``done``: outputs already in hand."""
     outputs, failed, to_pool = dict(done or {}), {}, {}
     todo = [s for s in RECIPE if s.name in wanted and s.name not in outputs]
     running: dict[PrefectFuture, Step] = {}
@@ -135,16 +136,19 @@ def run_stages(ctx: Context, wanted: set[str], force: set[str], done: dict | Non
             s = running.pop(finished)
             try:
                 outputs[s.name] = value(finished.result())
-            except Exception as error:  # noqa: BLE001  (reported with the others at the end)
-                failed[s.name] = error
+            except Exception as error:
+                if s.name == "data":  # bad input: every result reads it, so nothing else is worth training
+                    raise
+                failed[s.name] = error  # reported with the others at the end
                 continue
             if s.name == "data" and "cold_start" in wanted and outputs["data"].result.get("cold_start") == 0:
                 from components.data import no_traces  # R1-Zero needs no worked solutions; the cold start does
 
                 raise ValueError(no_traces(ctx.profile.data))
-    except BaseException:  # Ctrl-C, SIGTERM or no traces: every stage still running stops, its run marked failed
+    except BaseException:  # Ctrl-C, SIGTERM or bad data: every stage still running stops, its run marked failed
         STOPPING.set()
-        wait(list(running), timeout=STOP_SECONDS)
+        if not wait(list(running), timeout=STOP_SECONDS).not_done:
+            STOPPING.clear()  # all stopped: a later run in this process starts clean
         raise
     if failed:
         if todo:

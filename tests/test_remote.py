@@ -22,6 +22,7 @@ def sent(monkeypatch):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     monkeypatch.setattr(remote, "POLL_SECONDS", 0.2)
+    launch.STOPPING.clear()
     pool = f"machines-{uuid.uuid4().hex[:8]}"  # no worker polls it: the runs stay scheduled until told
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
