@@ -3,9 +3,10 @@
 A stage runs as ``python -m components.<module> --spec SPEC`` (or under ``accelerate launch``
 for a training stage, across machines when it spans several), in the stage environment the
 profile names; CPU stages in the orchestrator's own environment are forked from a warm server
-(``flows.forkserver``), so the imports are paid once per run, not per stage. While it runs, a
-terminal shows a progress bar fed by its metrics log; elsewhere (CI, Prefect worker logs) a line
-says where it is at most every ``PROGRESS_EVERY`` seconds.
+(``flows.forkserver``, one per stage running at once), so the imports are paid once per run, not
+per stage. Stages at once on a CPU split its cores (``core_share``). While a stage runs, a terminal
+shows its progress bar fed by its metrics log; elsewhere (CI, Prefect worker logs) a line says
+where it is at most every ``PROGRESS_EVERY`` seconds. A stopped run (``STOPPING``) stops them all.
 """
 
 from __future__ import annotations
