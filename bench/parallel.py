@@ -6,8 +6,8 @@ each other).
     .venv/bin/python bench/parallel.py [--pairs 1] [--profile configs/default.yaml] [--folder /tmp/r1flow-parallel]
 
 Both runs of a pair use the same seed, threads and code, and the pairs alternate which goes first,
-so a machine's drift falls on both sides. A stage runs with every core torch sees whatever runs
-beside it, so on a small machine two at once share the cores.
+so a machine's drift falls on both sides. Stages at once split the cores (each gets its share as
+its thread count), so with two each stage runs on half of them.
 """
 
 from __future__ import annotations
