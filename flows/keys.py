@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import threading
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -111,6 +112,11 @@ def data_file(path: str, what: str) -> Artifact:
     return Artifact(path, content_sha256(Path(path)))
 
 
+# CPython 3.11's ast.parse is not thread-safe (python/cpython#106905: "AST constructor recursion
+# depth mismatch" when two threads parse at once, as two stages at once computing their keys did).
+PARSING = threading.Lock()
+
+
 @cache
 def code_version(module: str) -> str:
     """Hash of a component module and the ``components`` modules it imports, transitively
@@ -125,7 +131,9 @@ def code_version(module: str) -> str:
         seen.add(name)
         source = (COMPONENTS / f"{name}.py").read_text()
         digest.update(name.encode() + source.encode())
-        for node in ast.walk(ast.parse(source)):
+        with PARSING:
+            tree = ast.parse(source)
+        for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("components."):
                 pending.append(node.module.split(".", 1)[1])
             elif isinstance(node, ast.ImportFrom) and node.module == "components":  # from components import gym

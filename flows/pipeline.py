@@ -34,7 +34,7 @@ from components.reachable import check_reachable
 from components.stage_io import split_ref
 from components.tracking import Tracker
 from flows import cache
-from flows.keys import Artifact, StageOutput, inputs_of, stage_key
+from flows.keys import Artifact, StageOutput, code_version, inputs_of, stage_key
 from flows.launch import STOPPING
 from flows.locks import exclusive
 from flows.machines import Machines, machines
@@ -121,6 +121,8 @@ def run_stages(ctx: Context, wanted: set[str], force: set[str], done: dict | Non
     todo = [s for s in RECIPE if s.name in wanted and s.name not in outputs]
     running: dict[PrefectFuture, Step] = {}
     slots = ctx.profile.runtime.max_parallel or 1
+    for s in todo:  # parsed here, before the threads: a traceback formatted in one parses too (CPython 3.11)
+        code_version(s.module)
     try:
         while True:
             for s in [s for s in todo if reads(s) <= outputs.keys()]:
