@@ -9,8 +9,8 @@ to `reports/` (and to MLflow: experiment `r1flow-bench` in `.r1flow/mlflow.db`):
 
 - `r1_findings.md`: per model pass@1 mean ± std over seeds, cons@k, greedy, format, language,
   tokens; wall time per stage; and the findings checked (R1-Zero's lift and growing length, R1's
-  format, the final RL against the SFT it starts from, distillation against the teacher and
-  against the student trained without traces).
+  format, the final RL against the SFT it starts from, distillation against the teacher, against
+  the student trained without traces and against the student trained by RL instead).
 - `heldout_pass.png`, `heldout_length.png`: pass@1 and mean completion length on held-out
   prompts against the GRPO step, mean over seeds with the min-max band.
 """
@@ -40,8 +40,10 @@ PROJECT = Path(__file__).resolve().parents[1]
 MODELS = {"base": "base", "r1_zero": "R1-Zero (GRPO from base)", "cold_start": "R1 cold start (SFT)",
           "r1_rl": "R1 RL (cold start + GRPO)", "r1_sft": "R1 SFT (base SFT on R1 traces)",
           "r1_final": "R1 final (GRPO on R1 SFT)", "student": "student (SFT on R1 traces)",
-          "student_no_traces": "student without traces (answers only)"}
-GRPO = {"r1_zero": "R1-Zero", "r1_rl": "R1 RL (after cold start)", "r1_final": "R1 final (after the SFT)"}
+          "student_no_traces": "student without traces (answers only)",
+          "student_rl": "student by RL (GRPO on its own base)"}
+GRPO = {"r1_zero": "R1-Zero", "r1_rl": "R1 RL (after cold start)", "r1_final": "R1 final (after the SFT)",
+        "student_rl": "student by RL"}
 COLUMNS = {"pass_at_1": "pass@1", "cons_at_{k}": "cons@{k}", "greedy_accuracy": "greedy", "format_rate": "format",
            "language_consistency": "language", "mean_length": "tokens"}
 CURVES = {"heldout/pass_at_1": ("heldout_pass.png", "pass@1 on held-out prompts"),
@@ -89,6 +91,8 @@ def findings(seeds: dict[int, dict]) -> list[tuple[str, bool, bool, str]]:
     formats = get("r1_rl", "format_rate")
     share = [s / t for s, t in zip(get("student", "pass_at_1"), rl)]
     gap = [a - b for a, b in zip(get("student", "pass_at_1"), get("student_no_traces", "pass_at_1"))]
+    distilled, by_rl = get("student", "pass_at_1"), get("student_rl", "pass_at_1")
+    compute = lambda stage: mean(s["seconds"][stage] for s in seeds.values())  # each side's training, as run
     minutes = [s["wall"] / 60 for s in seeds.values()]
     at_least = lambda values, floor: (mean(values) >= floor, all(v >= floor for v in values))
     return [
@@ -106,6 +110,10 @@ def findings(seeds: dict[int, dict]) -> list[tuple[str, bool, bool, str]]:
          ", ".join(f"{x:.0%}" for x in share)),
         ("distillation: student − student without traces ≥ 0.15", *at_least(gap, 0.15),
          ", ".join(f"{x:+.3f}" for x in gap)),
+        ("distillation vs RL on the student: distilled ≥ trained by RL (R1: do the RL once, in the big model)",
+         mean(distilled) >= mean(by_rl), all(a >= b for a, b in zip(distilled, by_rl)),
+         ", ".join(f"{a:.3f} vs {b:.3f}" for a, b in zip(distilled, by_rl))
+         + f" (training: SFT {compute('student'):.0f} s, GRPO {compute('student_rl'):.0f} s, mean)"),
         ("whole default run ≤ 15 min", max(minutes) <= 15, max(minutes) <= 15, ", ".join(f"{m:.1f}" for m in minutes)),
     ]
 

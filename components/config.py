@@ -32,6 +32,9 @@ from components.sections import (
     has_credentials,
 )
 
+# The profile sections that configure a GRPO stage (r1_zero and r1_rl, r1_final, student_rl).
+RL_SECTIONS = ("grpo", "final_rl", "student_rl")
+
 
 class ConfigError(ValueError):
     """A profile that cannot be used; the message names the file, the key and the problem."""
@@ -60,6 +63,8 @@ class Profile(Section):
     final_rl: GRPOSection = Field(GRPOSection(), description="R1's last stage: GRPO again, on the SFT-on-traces "
                                  "model (r1_final); apart from grpo, so its steps are its own")
     distill: SFTSection = SFTSection()
+    student_rl: GRPOSection = Field(GRPOSection(), description="distillation's other side: GRPO on the student's "
+                                    "own base (student_rl), R1-Zero's prompts and rewards; its steps its own")
     evaluate: EvaluateConfig = EvaluateConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -81,13 +86,13 @@ class Profile(Section):
         if self.store is not None and not self.store.startswith("s3://"):
             raise ValueError(f"store: {self.store!r} is not s3://bucket/prefix")
         if (processes := self.runtime.known_processes()) is not None:  # else the stage checks, by TRL's rule
-            for name in ("grpo", "final_rl"):
+            for name in RL_SECTIONS:
                 try:
                     getattr(self, name).generation_batch(processes)
                 except ValueError as error:
                     raise ValueError(f"{name}: {error}") from None
-        sections = {"cold_start": "SFTConfig", "sft": "SFTConfig", "distill": "SFTConfig", "grpo": "GRPOConfig",
-                    "final_rl": "GRPOConfig"}  # the TRL class each passes trl_args to
+        sections = {"cold_start": "SFTConfig", "sft": "SFTConfig", "distill": "SFTConfig",
+                    **dict.fromkeys(RL_SECTIONS, "GRPOConfig")}  # the TRL class each passes trl_args to
         passed = {name: cls for name, cls in sections.items() if getattr(self, name).trl_args}
         if not passed:
             return self  # importing TRL (and torch) takes seconds; only trl_args need it

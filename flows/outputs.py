@@ -66,7 +66,7 @@ def report(ctx, outputs: dict[str, StageOutput], versions: dict[str, dict]) -> d
     folder = ctx.place.workspace / "reports" / ctx.parent_run
     markdown = eval_table(table, versions, ctx.profile.evaluate.k)
     curves = {s.name: read_metrics(outputs[s.name].folder / "metrics.jsonl") for s in RECIPE
-              if s.module == "grpo" and s.name in outputs}  # R1-Zero, R1's RL and its final RL
+              if s.module == "grpo" and s.name in outputs}  # R1-Zero, R1's RL, its final RL, the student's
     plots = plot_curves(curves, folder)
     (folder / "eval_table.md").write_text(markdown + "\n")
     ctx.tracker.log_artifact(ctx.parent_run, folder, "report")

@@ -16,9 +16,9 @@ from components.stage_io import split_ref
 
 # Every model is evaluated, the students' base too: a registered model must beat its parent.
 EVALUATED = ("base", "cold_start", "r1_zero", "r1_rl", "r1_sft", "r1_final", "student_base", "student",
-             "student_no_traces")
+             "student_no_traces", "student_rl")
 # Parents before their children: a version's lineage names its parent's registered version.
-REGISTERED = ("cold_start", "r1_zero", "r1_rl", "r1_sft", "r1_final", "student")
+REGISTERED = ("cold_start", "r1_zero", "r1_rl", "r1_sft", "r1_final", "student", "student_rl")
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,18 @@ RECIPE = (
     # The control: the same student, steps and prompts, trained on the verified answers without
     # the reasoning. What the student gains over it is what the traces taught.
     Step("student_no_traces", "sft", "distill", {"model": "student_base", "data": "rejection_sampling/answers"}),
+    # Distillation's other side, as R1's report compares them: the same student trained by RL instead,
+    # GRPO on its own base with R1-Zero's prompts and rewards. Distilling wins if the expensive RL
+    # is worth doing once, in the big model.
+    Step("student_rl", "grpo", "student_rl", {"model": "student_base", "data": "data/train",
+                                              "heldout": "data/validation"}),
     # Every model on the held-out test prompts, R1's protocol.
     *(Step(f"eval_{model}", "evaluate", "evaluate", {"model": model, "data": "data/test"}) for model in EVALUATED),
 )
 STAGES = tuple(step.name for step in RECIPE)
 # Each registered model's parent in the lineage.
 PARENTS = {"cold_start": "base", "r1_zero": "base", "r1_rl": "cold_start", "r1_sft": "base", "r1_final": "r1_sft",
-           "student": "student_base"}
+           "student": "student_base", "student_rl": "student_base"}
 
 
 def recipe_step(name: str) -> Step:

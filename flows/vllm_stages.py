@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from components.config import Profile
+from components.config import RL_SECTIONS, Profile
 from components.digest import file_sha256
 from components.sections import ModelConfig, Section
 from flows.machines import on_cpu, stage_python
@@ -66,14 +66,14 @@ def check_vllm(profile: Profile, stages: set[str]) -> None:
     if not here:
         return
     cpu = on_cpu(profile)
-    for name in ("grpo", "final_rl"):
+    for name in RL_SECTIONS:
         cfg = getattr(profile, name)
         if cpu and cfg.use_vllm and cfg.vllm_mode == "server" and any(s.section == name for s in here):
             raise ValueError(f"{name}.vllm_mode: server needs CUDA: TRL sends the weights to a vLLM server over "
                              f"NCCL, which has no CPU backend; on CPU set {name}.vllm_mode: colocate")
     check_interpreter(profile, [s.name for s in here])
     if cpu:
-        students = any(s.name.startswith("eval_student") for s in here)
+        students = any(s.name.startswith("eval_student") or s.name == "student_rl" for s in here)
         for name in ("base", "student") if students else ("base",):
             check_head_size(name, getattr(profile, name))
 

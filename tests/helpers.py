@@ -249,12 +249,12 @@ class Hosts:
 # MLflow server (test_servers) and the servers the hosts share (test_hosts).
 
 STAGES = {"data", "base", "r1_zero", "cold_start", "r1_rl", "rejection_sampling", "r1_sft", "r1_final",
-          "student_base", "student", "student_no_traces"}
+          "student_base", "student", "student_no_traces", "student_rl"}
 MODELS = {"base", "cold_start", "r1_zero", "r1_rl", "r1_sft", "r1_final", "student_base", "student",
-          "student_no_traces"}
+          "student_no_traces", "student_rl"}
 EVALS = {f"eval_{m}" for m in MODELS}
 REGISTERED = ["r1flow-cold-start", "r1flow-r1-zero", "r1flow-r1-rl", "r1flow-r1-sft", "r1flow-r1-final",
-              "r1flow-student"]
+              "r1flow-student", "r1flow-student-rl"]
 LINEAGE_TAGS = {"config_hash", "code_version", "git_commit", "parent_model", "parent_eval_run_id", "eval_run_id",
                 "eval_key", "pass_at_1", "stage_key", "format_rate", "data_validation", "training_health", "data_hash",
                 "promotion"}

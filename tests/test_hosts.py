@@ -36,7 +36,7 @@ ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
 STORE = "s3://r1flow/store"
 # The training stages (SFT and GRPO), sent to the gpu pool (a flow run there costs ~7 s here).
-TRAINED = ("cold_start", "r1_zero", "r1_rl", "r1_sft", "r1_final", "student", "student_no_traces")
+TRAINED = ("cold_start", "r1_zero", "r1_rl", "r1_sft", "r1_final", "student", "student_no_traces", "student_rl")
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ def test_an_edit_to_the_accuracy_reward_changes_only_what_grades_with_it_and_dow
     edit = lambda copy: _edit(copy / "rewards.py", "def accuracy_reward(", "def accuracy_reward(  # edited\n")
     changed = _changed_keys(edit, components_copy)
     assert changed == {"r1_zero", "r1_rl", "rejection_sampling", "r1_sft", "r1_final", "student", "student_no_traces",
-                       *(s for s in STAGES if s.startswith("eval_"))}
+                       "student_rl", *(s for s in STAGES if s.startswith("eval_"))}
     assert not changed & {"data", "base", "cold_start", "student_base"}
 
 

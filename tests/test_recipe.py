@@ -12,7 +12,7 @@ def test_the_recipe_graph_knows_what_a_stage_reads_and_what_reads_it():
                                         "eval_r1_final", "eval_student", "eval_student_no_traces"}
     assert downstream("r1_sft") == {"r1_final", "eval_r1_sft", "eval_r1_final"}  # distillation reads the traces
     assert downstream("eval_r1_final") == set() and upstream("base") == set()
-    assert STAGES[0] == "data" and len(STAGES) == len(set(STAGES)) == 20  # eval_student_base too
+    assert STAGES[0] == "data" and len(STAGES) == len(set(STAGES)) == 22  # eval_student_base too
 
 
 def test_the_critical_path_is_the_longest_chain_of_stages_each_reading_the_one_before():
@@ -34,3 +34,11 @@ def test_the_final_rl_is_grpo_on_the_sft_model_evaluated_registered_and_its_chil
     assert PARENTS["r1_final"] == "r1_sft" and {"r1_sft", "r1_final"} <= set(EVALUATED) & set(REGISTERED)
     assert REGISTERED.index("r1_sft") < REGISTERED.index("r1_final")  # a parent registers first
     assert recipe_step("student").inputs["data"] == "rejection_sampling/train"  # distillation: still the traces
+
+
+def test_the_students_rl_is_r1_zeros_grpo_on_the_student_base_evaluated_registered_and_its_child():
+    step = recipe_step("student_rl")
+    assert (step.module, step.section) == ("grpo", "student_rl")  # its own section: its steps are its own
+    assert step.inputs == {**recipe_step("r1_zero").inputs, "model": "student_base"}  # R1-Zero's prompts
+    assert upstream("student_rl") == {"student_base", "data"}  # no teacher, no traces
+    assert PARENTS["student_rl"] == "student_base" and "student_rl" in set(EVALUATED) & set(REGISTERED)
