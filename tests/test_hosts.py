@@ -28,6 +28,7 @@ from components.config import load_profile
 from components.store import Store
 from flows.code import code_files
 from flows.keys import planned_keys
+from flows.recipe import EVALUATED
 from flows.servers import Ports, Stack, free_port
 
 pytestmark = pytest.mark.slow
@@ -36,7 +37,12 @@ ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
 STORE = "s3://r1flow/store"
 # The training stages (SFT and GRPO), sent to the gpu pool (a flow run there costs ~7 s here).
-TRAINED = ("cold_start", "r1_zero", "r1_rl", "r1_sft", "r1_final", "student", "student_no_traces", "student_rl")
+TRAINED = ("cold_start", "r1_zero", "r1_rl", "r1_sft", "r1_final", "student", "student_no_traces")
+# The runs here leave out the student's RL (the local pipeline tests run it): ready with R1-Zero and
+# the cold start, a third pool stage would queue on the two machines, and the schedule checked below
+# is that of two branches on two machines.
+LEFT_OUT = frozenset({"student_rl"})
+EVALUATED_HERE = f"stages=[{','.join(f'eval_{m}' for m in EVALUATED if m not in LEFT_OUT)}]"
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +158,8 @@ def pipeline(cluster):
     shutil.rmtree(hosts.root("cpu") / "root" / ".r1flow" / "stages")
     start_worker(cluster, "gpu2", "--limit", "1")
     summary = r1flow(cluster, "cpu", sets("runtime.gpu_deployment=r1flow-stage/{stage}",
-                                          "runtime.gpu_components=[grpo,sft]", "runtime.max_parallel=2"))
+                                          "runtime.gpu_components=[grpo,sft]", "runtime.max_parallel=2",
+                                          EVALUATED_HERE))
     return summary
 
 
@@ -163,9 +170,9 @@ def test_the_gpu_worker_trains_from_inputs_it_downloaded(cluster, pipeline):
     summary, hosts = pipeline, cluster["hosts"]
     assert {name for name, cached in summary["stages"].items() if cached} == {
         "data", "base", "student_base", "eval_base", "eval_student_base"}  # fetched: this host's copies are gone
-    check_runs(summary)
+    check_runs(summary, LEFT_OUT)
     check_report(summary)
-    check_registry(summary)
+    check_registry(summary, LEFT_OUT)
     with temporary_settings({PREFECT_API_URL: cluster["stack"].prefect_api}), get_client(sync_client=True) as client:
         runs = {r.name: r for r in client.read_flow_runs() if r.name in TRAINED}
     assert set(runs) == set(TRAINED)
@@ -205,11 +212,11 @@ def test_mlflow_artifacts_and_dvc_objects_are_in_the_bucket(cluster, pipeline):
 
 
 def test_a_third_host_with_an_empty_folder_reruns_from_cache(cluster, pipeline):
-    sets = [arg for o in overrides(cluster) for arg in ("--set", o)]
+    sets = [arg for o in overrides(cluster, EVALUATED_HERE) for arg in ("--set", o)]
     summary = r1flow(cluster, "third", sets)
     assert all(summary["stages"].values()), summary["stages"]
     assert refs(summary) == refs(pipeline)  # the same versions: nothing registered twice
-    check_registry(summary)
+    check_registry(summary, LEFT_OUT)
 
 
 def test_grpo_killed_on_one_host_resumes_on_another_from_the_store(cluster, pipeline):
