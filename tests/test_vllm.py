@@ -123,6 +123,14 @@ def test_a_head_size_vllm_cannot_take_is_refused_in_one_line_before_any_stage(tm
     assert not (tmp_path / ".r1flow" / "stages").exists()
 
 
+def test_the_students_rl_through_vllm_checks_the_students_head_size():
+    """student_rl trains the student: its rollouts through vLLM need the student's head size to fit."""
+    profile = load_profile(MICRO, [*VLLM, "runtime.generation_backend=transformers", "student_rl.use_vllm=true",
+                                   "student_rl.vllm_mode=colocate", "stages=[student_rl]"])
+    with pytest.raises(ValueError, match="student: head size 8 .* is not one vLLM's CPU attention takes"):
+        check_vllm(profile, selected(profile))
+
+
 def test_server_mode_on_a_machine_without_cuda_is_refused_naming_nccl():
     profile = load_profile(MICRO, [*VLLM, "grpo.vllm_mode=server"])
     with pytest.raises(ValueError, match="grpo.vllm_mode: server needs CUDA: .* NCCL"):
