@@ -113,7 +113,8 @@ def test_deployed_pipeline_runs_on_workers_and_tracks_to_the_mlflow_server(prefe
                 parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
     assert pipeline.labels["prefect.worker.name"] == "cpu-worker"
     sent = {r.name: r for r in children}
-    assert set(sent) == {"r1_zero", "r1_rl", "r1_final"}  # the GRPO stages, sent to the gpu pool's deployments
+    # the GRPO stages, sent to the gpu pool's deployments
+    assert set(sent) == {"r1_zero", "r1_rl", "r1_final", "student_rl"}
     assert all(r.state.is_completed() and r.labels["prefect.worker.name"] == "gpu-worker" for r in sent.values())
     assert summary["tracking_uri"] == uri and not any(summary["stages"].values())
     check_runs(summary)
