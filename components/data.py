@@ -13,6 +13,7 @@ graded by its own verifier.
 from __future__ import annotations
 
 import random
+import re
 import tempfile
 from pathlib import Path
 
@@ -65,6 +66,11 @@ def synthetic_addition(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dic
                            "answer": str(a + b), "a": a, "b": b}
     shuffled = lambda pairs: [record(a, b) for a, b in rng.sample(sorted(pairs), len(pairs))]
     return shuffled(train), shuffled(validation), shuffled(test)
+
+
+def carries(record: dict) -> bool:
+    """Whether an addition's column work carries into a later column (a line adds ``+1``)."""
+    return re.search(r": \d\+\d\+1=", addition_work(record["a"], record["b"])) is not None
 
 
 def cold_start_trace(record: dict) -> dict | None:
@@ -134,7 +140,9 @@ def build_datasets(cfg: DataConfig, seed: int, out: Path, planned: dict[str, str
         random.Random(seed).shuffle(train)
         validation, train = train[: cfg.n_validation], train[cfg.n_validation :][: cfg.n_train]
     # none where no record has a worked solution: R1-Zero needs none, the cold start refuses to run
-    traces = [t for t in map(cold_start_trace, train) if t is not None][: cfg.cold_start_size]
+    narrow = cfg.source == "synthetic" and not cfg.cold_start_carries
+    traces = [t for t in map(cold_start_trace, train) if t is not None and not (narrow and carries(t))]
+    traces = traces[: cfg.cold_start_size]
     files = {"train": train, "validation": validation, "test": test, "cold_start": traces}
     out.mkdir(parents=True, exist_ok=True)
     for name, records in files.items():

@@ -48,6 +48,8 @@ class DataConfig(Section):
     min_digits: int = Field(2, ge=1, description="synthetic: fewest digits in an operand")
     max_digits: int = Field(2, ge=1, description="synthetic: most digits in an operand")
     cold_start_size: int = Field(200, gt=0, description="readable long-CoT examples for the cold start")
+    cold_start_carries: bool = Field(True, description="synthetic: whether cold-start traces may carry a column; "
+                                     "false: carry-free additions only, a narrow cold start that leaves carries to RL")
     decontamination_ngram: int = Field(8, gt=0, description="drop train prompts sharing a word n-gram with test")
     tasks: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="reasoning_gym: task name -> its config (reasoning-gym's own keys), "

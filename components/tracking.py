@@ -126,6 +126,14 @@ class Tracker:
                                        order_by=["attributes.start_time ASC"], max_results=1000)
         return {r.info.run_name: _record(r) for r in runs}
 
+    def computed_run(self, stage_key: str) -> RunRecord | None:
+        """The finished stage run that computed the output with this key (not one that reused it)."""
+        if not _SAFE_NAME.fullmatch(stage_key):
+            raise ValueError(f"stage key with unexpected characters: {stage_key!r}")
+        runs = self.client.search_runs([self.experiment_id], f"tags.stage_key = '{stage_key}' and tags.cached = "
+                                       "'False' and attributes.status = 'FINISHED'", max_results=1)
+        return _record(runs[0]) if runs else None
+
     def pipeline_runs(self, limit: int = 10) -> list[RunRecord]:
         """The newest finished pipeline (parent) runs, newest first: not a stage's child run, nor
         an ``r1flow eval`` run (tagged ``benchmark``)."""

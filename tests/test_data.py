@@ -1,9 +1,10 @@
 import json
+import re
 
 import pytest
 
 from components.addition import addition_question, addition_work, held_out
-from components.data import build_datasets, synthetic_addition
+from components.data import build_datasets, carries, synthetic_addition
 from components.rewards import format_reward
 from components.sections import DataConfig
 
@@ -42,6 +43,19 @@ def test_build_datasets_writes_splits_and_cold_start_traces(tmp_path):
     traces = [json.loads(line) for line in (tmp_path / "cold_start.jsonl").read_text().splitlines()]
     assert format_reward([t["completion"] for t in traces]) == [1.0] * 30
     assert all(t["completion"].endswith(f"<answer>{t['answer']}</answer>") for t in traces)
+
+
+def test_a_narrow_cold_start_leaves_the_carries_to_rl(tmp_path):
+    assert carries({"a": 15, "b": 27}) and carries({"a": 478, "b": 365})
+    assert not carries({"a": 15, "b": 23}) and not carries({"a": 95, "b": 13})  # the last column's 9+1=10 carries nowhere
+    cfg = DataConfig(n_train=200, n_validation=10, n_test=20, cold_start_size=40)
+    build_datasets(cfg, 0, tmp_path / "wide")
+    build_datasets(cfg.model_copy(update={"cold_start_carries": False}), 0, tmp_path / "narrow")
+    read = lambda run, name: [json.loads(line) for line in (tmp_path / run / f"{name}.jsonl").read_text().splitlines()]
+    assert any(carries(t) for t in read("wide", "cold_start"))
+    narrow = read("narrow", "cold_start")
+    assert len(narrow) == 40 and not any(re.search(r"\d\+\d\+1=", t["completion"]) for t in narrow)
+    assert read("narrow", "train") == read("wide", "train") and any(carries(r) for r in read("narrow", "train"))
 
 
 def test_build_datasets_imports_a_benchmark_and_decontaminates(tmp_path):
