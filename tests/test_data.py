@@ -47,7 +47,8 @@ def test_build_datasets_writes_splits_and_cold_start_traces(tmp_path):
 
 def test_a_narrow_cold_start_leaves_the_carries_to_rl(tmp_path):
     assert carries({"a": 15, "b": 27}) and carries({"a": 478, "b": 365})
-    assert not carries({"a": 15, "b": 23}) and not carries({"a": 95, "b": 13})  # the last column's 9+1=10 carries nowhere
+    assert not carries({"a": 15, "b": 23})
+    assert not carries({"a": 95, "b": 13})  # the last column's 9+1=10 carries into no other column
     cfg = DataConfig(n_train=200, n_validation=10, n_test=20, cold_start_size=40)
     build_datasets(cfg, 0, tmp_path / "wide")
     build_datasets(cfg.model_copy(update={"cold_start_carries": False}), 0, tmp_path / "narrow")
