@@ -5,20 +5,22 @@
 
 Each (thread count, seed) is a full `r1flow run --set seed=N` with `OMP_NUM_THREADS` set, in a
 project folder of its own (`.r1flow/bench/tT-seed-N`: its own DVC repo, MLflow store and stage
-cache). The tiny models' figures change with the thread count (`make run` on two cores runs two
-threads), so a finding counts where it holds for every run. A run starts from an empty folder
-unless `--keep`, which reuses the folder's cached stages (e.g. after changing only the cold
-start); stage seconds are then read from the run that computed each stage. `--jobs`: runs at
-once (their wall times then overlap; their figures do not change). Results are read back from
-each run's MLflow store. Prints and writes to `reports/` (and to MLflow: experiment
-`r1flow-bench` in `.r1flow/mlflow.db`):
+cache). `make run` on two cores runs two threads; whether the figures change with the thread
+count depends on the CPU's kernels (on a 2-core AVX2 EPYC they did not, to the last digit), so
+a finding counts where it holds for every run. A run starts from an empty folder unless
+`--keep`, which reuses the folder's cached stages (e.g. after changing only the cold start);
+stage seconds are then those of the run that computed each stage. `--jobs`: runs at once (they
+share the cores; their figures do not change). Results are read back from each run's MLflow
+store. Prints and writes to `reports/` (and to MLflow: experiment `r1flow-bench` in
+`.r1flow/mlflow.db`):
 
-- `r1_findings.md`: per model pass@1 mean ± std over seeds, cons@k, greedy, format, language,
-  tokens; wall time per stage; and the findings checked (R1-Zero's lift and growing length, R1's
+- `r1_findings.md`: per model pass@1 mean ± std over runs, cons@k, greedy, format, language,
+  tokens; seconds per stage by thread count; and the findings checked (R1-Zero's lift and
+  growing length, RL after the cold start against the cold start and against R1-Zero, R1's
   format, the final RL against the SFT it starts from, distillation against the teacher, against
   the student trained without traces and against the student trained by RL instead).
 - `heldout_pass.png`, `heldout_length.png`: pass@1 and mean completion length on held-out
-  prompts against the GRPO step, mean over seeds with the min-max band.
+  prompts against the GRPO step, mean over runs with the min-max band.
 """
 
 from __future__ import annotations
@@ -204,16 +206,16 @@ def main() -> None:
     plan = {f"s{seed}/t{threads}": (seed, threads) for threads in args.threads for seed in args.seeds}
     folder = lambda seed, threads: PROJECT / ".r1flow" / "bench" / f"t{threads}-seed-{seed}"
 
-    def one(label: str) -> float:
+    def one(label: str) -> None:
         seed, threads = plan[label]
-        wall = 0.0 if args.reuse else run_seed(seed, threads, config, folder(seed, threads), args.keep)
-        print(f"{label}: {wall / 60:.1f} min", flush=True)
-        return wall
+        if not args.reuse:
+            wall = run_seed(seed, threads, config, folder(seed, threads), args.keep)
+            print(f"{label}: {wall / 60:.1f} min", flush=True)
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        walls = dict(zip(plan, pool.map(one, plan)))
-    runs = {label: {**read_seed(folder(*plan[label]), profile), "wall": walls[label], "threads": plan[label][1]}
-            for label in plan}
+        list(pool.map(one, plan))
+    runs = {label: {**read_seed(folder(*plan[label]), profile), "threads": threads}
+            for label, (_, threads) in plan.items()}
     markdown = report(runs, profile.evaluate.k, args.out)
     print(markdown)
     place = locate(profile, PROJECT)

@@ -131,7 +131,8 @@ class Tracker:
         if not _SAFE_NAME.fullmatch(stage_key):
             raise ValueError(f"stage key with unexpected characters: {stage_key!r}")
         runs = self.client.search_runs([self.experiment_id], f"tags.stage_key = '{stage_key}' and tags.cached = "
-                                       "'False' and attributes.status = 'FINISHED'", max_results=1)
+                                       "'False' and attributes.status = 'FINISHED'",
+                                       order_by=["attributes.start_time ASC"], max_results=1)
         return _record(runs[0]) if runs else None
 
     def pipeline_runs(self, limit: int = 10) -> list[RunRecord]:
